@@ -1,0 +1,175 @@
+"""Config schemas for the run's sections, checked at start-up before any model loads.
+
+Each section is merged onto its dataclass with OmegaConf, so an unknown key or a value of
+the wrong type fails with the key's full name; ``validate`` methods check ranges and
+allowed values. The algorithm section is validated by the algorithm's own ``Config``
+(see ``algorithms/base.py``) so that plugins bring their own options.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _positive(key: str, value, *, zero_ok: bool = False) -> None:
+    if value is None or (value < 0 if zero_ok else value <= 0):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny:qwen2_5_vl-sft"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False
+    attn_implementation: Optional[str] = "sdpa"
+    lr: float = 1e-6  # recommended learning rate for this model (optim.lr defaults to it)
+
+    def validate(self, p: str) -> None:
+        _choice(f"{p}.dtype", self.dtype, {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"})
+        _positive(f"{p}.lr", self.lr)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop: Optional[list[str]] = None
+    eval_temperature: float = 0.0          # greedy evaluation
+    # vLLM options (ignored by the hf engine)
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    sleep: bool = False
+    dtype: Optional[str] = None
+    logp_diff_warn: float = 0.5            # warn when the sampler/trainer log-prob gap exceeds this
+    tis_cap: Optional[float] = None        # truncated importance-sampling correction cap (off: null)
+
+    def validate(self, p: str) -> None:
+        if self.group_size < 2:
+            raise ConfigError(f"{p}.group_size={self.group_size} must be >= 2 (group-relative advantages need at least 2 samples per prompt)")
+        _positive(f"{p}.temperature", self.temperature, zero_ok=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{p}.top_p={self.top_p} must be in (0, 1]")
+        _positive(f"{p}.top_k", self.top_k, zero_ok=True)
+        _positive(f"{p}.max_new_tokens", self.max_new_tokens)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{p}.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        _positive(f"{p}.tensor_parallel_size", self.tensor_parallel_size)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "constant"            # constant | cosine | linear
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0              # cosine/linear decay to lr * min_lr_ratio
+    grad_clip: Optional[float] = 1.0
+
+    def validate(self, p: str) -> None:
+        _positive(f"{p}.lr", self.lr)
+        _choice(f"{p}.scheduler", self.scheduler, {"constant", "cosine", "linear"})
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{p}.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{p}.betas={self.betas} must be two numbers, e.g. [0.9, 0.95]")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 60                    # RL steps (rollout batches)
+    prompts_per_step: int = 8              # prompts per rollout batch (global, over all ranks)
+    micro_batch_size: int = 16             # completions per forward/backward
+    num_mini_batches: int = 1              # optimizer steps per rollout batch and epoch
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    eval_every: int = 10                   # RL steps between evaluations (0: only start and end)
+    eval_size: int = 200                   # test records used for evaluation
+    eval_batch_size: int = 64
+    save_every: int = 0                    # RL steps between checkpoints (0: only at the end)
+    log_every: int = 1
+    log_completions_every: int = 10        # sample table to W&B every N steps (0: off)
+    on_nonfinite: str = "error"            # error | skip
+    logprob_chunk_size: int = 1024
+    num_workers: int = 0
+    progress_bar: bool = True
+
+    def validate(self, p: str) -> None:
+        for k in ("max_steps", "prompts_per_step", "micro_batch_size", "num_mini_batches", "eval_size",
+                  "eval_batch_size", "log_every", "logprob_chunk_size", "num_nodes"):
+            _positive(f"{p}.{k}", getattr(self, k))
+        for k in ("eval_every", "save_every", "log_completions_every", "num_workers"):
+            _positive(f"{p}.{k}", getattr(self, k), zero_ok=True)
+        _choice(f"{p}.on_nonfinite", self.on_nonfinite, {"error", "skip"})
+        if self.prompts_per_step % self.num_mini_batches:
+            raise ConfigError(f"{p}.prompts_per_step={self.prompts_per_step} must be divisible by "
+                              f"{p}.num_mini_batches={self.num_mini_batches} (groups are not split)")
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"            # offline | online | disabled
+    project: str = "apo-rl"
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    csv: bool = True
+
+    def validate(self, p: str) -> None:
+        _choice(f"{p}.wandb_mode", self.wandb_mode, {"offline", "online", "disabled"})
+
+
+SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "optim": OptimConfig,
+            "trainer": TrainerConfig, "logger": LoggerConfig}
+
+
+def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
+    """Merge ``cfg`` onto ``schema`` and return the typed object; errors name the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        obj = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = getattr(e, "key", None) or str(e).split("'")[1]
+        allowed = ", ".join(f.name for f in fields(schema))
+        raise ConfigError(f"unknown key '{prefix}.{key}'; allowed keys in {prefix}: {allowed}") from None
+    except (ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", "?")
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for '{prefix}.{key}': {msg}") from None
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
+    """Check every section; returns typed section objects keyed by name."""
+    out = {}
+    for name, schema in SECTIONS.items():
+        if name not in cfg:
+            raise ConfigError(f"config section '{name}' is missing")
+        out[name] = check_section(cfg[name], schema, name)
+    return out

@@ -1,0 +1,53 @@
+"""Per-token log-probs (and entropies) of completion tokens, without materialising the
+full-vocabulary float32 logits of the whole batch: the last hidden states of the completion
+positions go through the LM head in chunks of ``chunk_size`` tokens, each chunk under
+activation checkpointing, so at most one chunk of [chunk, vocab] fp32 logits is alive in
+the forward and in the backward.
+
+    logp[i, t] = log_softmax(lm_head(h[i, P-1+t]) / temperature)[completion_ids[i, t]]
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.nn.functional.linear(h, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logz
+    probs = torch.softmax(logits, dim=-1)
+    entropy = logz - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def completion_logprobs(model, inputs: dict, completion_len: int, *, temperature: float = 1.0,
+                        chunk_size: int = 1024, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``inputs``: kwargs from :func:`framework.rollout.inputs.training_inputs` (prompt of length
+    P + completion of length T = ``completion_len``). Returns logp [N, T] (fp32) and entropy [N, T]."""
+    core = getattr(model, "model")
+    head = model.get_output_embeddings()
+    kw = {k: v for k, v in inputs.items()}
+    kw["use_cache"] = False
+    hidden = core(**kw).last_hidden_state                 # [N, P+T, H]
+    T = completion_len
+    h = hidden[:, -T - 1:-1]                              # positions P-1 .. P+T-2 predict tokens 0..T-1
+    labels = inputs["input_ids"][:, -T:]
+    N = h.shape[0]
+    h_flat, y_flat = h.reshape(N * T, -1), labels.reshape(N * T)
+    outs_lp, outs_ent = [], []
+    use_ckpt = torch.is_grad_enabled() and h.requires_grad
+    for s in range(0, N * T, chunk_size):
+        args = (h_flat[s:s + chunk_size], head.weight, head.bias, y_flat[s:s + chunk_size], temperature)
+        if use_ckpt:
+            lp, ent = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logp_entropy(*args)
+        outs_lp.append(lp)
+        outs_ent.append(ent.detach() if with_entropy else ent[:0])
+    logp = torch.cat(outs_lp).view(N, T)
+    ent = torch.cat(outs_ent).view(N, T) if with_entropy else None
+    return logp, ent

@@ -1,0 +1,128 @@
+"""One small generic registry, used for algorithms, rewards, rollout engines and tasks.
+
+Register with a decorator::
+
+    from framework.registry import ALGORITHMS
+
+    @ALGORITHMS.register("my_algo")
+    class MyAlgo(GRPO): ...
+
+Third-party packages register without editing this project in either of two ways:
+
+* a Python entry point in the group ``apo_rl.<kind>`` (e.g. ``apo_rl.algorithms``) whose
+  value is a module to import (``my_pkg.my_algo``) or an object; it is loaded the first
+  time the registry is queried;
+* a module named in the config: ``plugins=[my_pkg.my_algo]`` imports it before the run
+  resolves any name.
+
+An unknown name raises :class:`UnknownNameError`, which lists every registered name.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Iterable
+
+
+class UnknownNameError(KeyError):
+    """A name that is not registered. ``str()`` gives the full, readable message."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class Registry:
+    def __init__(self, kind: str, entry_point_group: str | None = None):
+        self.kind = kind
+        self.entry_point_group = entry_point_group or f"apo_rl.{kind}s"
+        self._items: dict[str, Any] = {}
+        self._entry_points_loaded = False
+        self._defaults_module: str | None = None
+
+    def set_defaults_module(self, module: str) -> None:
+        """Module whose import registers the built-in entries (imported lazily)."""
+        self._defaults_module = module
+
+    def register(self, name: str, obj: Any = None, *, override: bool = False) -> Callable:
+        """Register ``obj`` under ``name``; usable as ``@REG.register("name")``."""
+
+        def deco(o: Any) -> Any:
+            if name in self._items and self._items[name] is not o and not override:
+                raise ValueError(
+                    f"{self.kind} '{name}' is already registered by "
+                    f"{_describe(self._items[name])}; pass override=True to replace it"
+                )
+            self._items[name] = o
+            return o
+
+        return deco(obj) if obj is not None else deco
+
+    def _load(self) -> None:
+        if self._defaults_module:
+            importlib.import_module(self._defaults_module)
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=self.entry_point_group):
+            try:
+                obj = ep.load()
+            except Exception as e:  # a broken plugin must not take the framework down silently
+                raise ImportError(
+                    f"could not load {self.kind} plugin entry point '{ep.name} = {ep.value}' "
+                    f"(group {self.entry_point_group}): {e}"
+                ) from e
+            if not _is_module(obj) and ep.name not in self._items:
+                self._items[ep.name] = obj
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._items
+
+    def get(self, name: str) -> Any:
+        self._load()
+        if name not in self._items:
+            raise UnknownNameError(
+                f"unknown {self.kind} '{name}'. Registered {self.kind}s: "
+                f"{', '.join(self.names()) or '(none)'}. A plugin registers with "
+                f"@{self.kind.upper()}S.register('{name}') in a module named in "
+                f"plugins=[...] or in the entry-point group '{self.entry_point_group}'."
+            )
+        return self._items[name]
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {', '.join(self.names())})"
+
+
+def _is_module(obj: Any) -> bool:
+    return type(obj).__name__ == "module"
+
+
+def _describe(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import plugin modules named in the config (``plugins=[pkg.mod, ...]``)."""
+    for mod in modules or ():
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ImportError(
+                f"plugin module '{mod}' (from plugins=[...]) could not be imported: {e}. "
+                "Check that it is installed or on PYTHONPATH."
+            ) from e
+
+
+ALGORITHMS = Registry("algorithm")
+REWARDS = Registry("reward")
+ROLLOUT_ENGINES = Registry("rollout_engine")
+TASKS = Registry("task")
+
+ALGORITHMS.set_defaults_module("algorithms")
+REWARDS.set_defaults_module("rewards")
+ROLLOUT_ENGINES.set_defaults_module("framework.rollout")
+TASKS.set_defaults_module("framework.data")

@@ -1,0 +1,53 @@
+"""Rollout engine interface. An engine turns a :class:`PromptBatch` into ``n`` sampled
+completions per prompt. Engines register in ``framework.registry.ROLLOUT_ENGINES``.
+
+    generate(prompts, n, sampling) -> Generation   (token ids, mask, optional log-probs)
+    sync_weights(model)                               after every optimizer step
+    sleep() / wake()                                  free / restore memory around the update
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0           # 0 = off
+    max_new_tokens: int = 64
+    stop: list[str] | None = None
+    return_logprobs: bool = False
+
+
+@dataclass
+class Generation:
+    completion_ids: torch.Tensor        # [N, T] right padded (N = len(prompts) * n, sample-major)
+    completion_mask: torch.Tensor       # [N, T] float, up to and including EOS
+    truncated: torch.Tensor             # [N] bool
+    logprobs: torch.Tensor | None = None  # [N, T] sampler log-probs of the chosen tokens
+    texts: list[str] | None = None
+
+
+class RolloutEngine:
+    name = "base"
+
+    def __init__(self, cfg, bundle, model):
+        self.cfg, self.bundle, self.model = cfg, bundle, model
+
+    def generate(self, prompts, n: int, sampling: SamplingParams) -> Generation:
+        raise NotImplementedError
+
+    def sync_weights(self, model) -> None:
+        """Make the engine serve ``model``'s current weights."""
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

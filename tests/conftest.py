@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_path():
+    from framework.models.tiny import build_tiny
+
+    return str(build_tiny("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_path():
+    from framework.models.tiny import build_tiny
+
+    return str(build_tiny("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def vl_bundle(tiny_vl_path):
+    from framework.models.loading import load_model_bundle
+
+    return load_model_bundle(tiny_vl_path)
+
+
+def make_image(side: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
