@@ -1,0 +1,305 @@
+"""The interface the trainer calls: :class:`Algorithm`, its :class:`AlgorithmConfig`, and
+:func:`build_algorithm`.
+
+The trainer never branches on the algorithm's name. Per rollout batch it calls
+``algo.keep_groups`` (optional dynamic sampling), then ``algo.prepare(rollout, step)``, then
+for each of ``algo.ppo_epochs`` epochs and each micro-batch ``mb = rollout.select(idx)``::
+
+    loss, metrics = algo.loss(logp, mb, norm)   # norm: global LossNormalizer of the mini-batch
+    loss.backward()
+
+``loss`` and every entry of ``metrics`` are normalised by the global denominators of the
+mini-batch, so summing them over micro-batches (and ranks) gives the mini-batch value.
+
+Subclasses change behaviour through hooks, called by ``prepare`` in this order:
+``shape_rewards -> compute_advantages -> shape_advantages -> sample_kl_coef``.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from framework.registry import ALGORITHMS
+from framework.types import LossNormalizer, Rollout
+
+from .advantages import ADVANTAGE_SCALES, zero_std_groups
+from .kl import KL_ESTIMATORS, kl_estimator
+from .losses import LOSS_AGGREGATIONS, aggregate, clipped_surrogate, token_sum_mean
+from .schedules import SCHEDULES, make_schedule
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class AdvantageConfig:
+    scale: str = "group"        # group | batch | none (Dr. GRPO)
+    eps: float = 1e-4           # A = (r - mean) / (std + eps)
+
+
+@dataclass
+class KLScheduleConfig:
+    """beta over optimizer steps. ``constant``: beta = kl.coef. ``linear``/``cosine``: start ->
+    end (None = kl.coef). ``grpo_d``: beta_min, beta_max, explore_frac (kl.coef unused)."""
+    name: str = "constant"      # constant | linear | cosine | grpo_d (see schedules.SCHEDULES)
+    start: Optional[float] = None
+    end: Optional[float] = None
+    beta_min: float = 0.0
+    beta_max: float = 0.02
+    explore_frac: float = 0.3
+
+
+@dataclass
+class KLConfig:
+    estimator: str = "k3"       # k1 | k2 | k3, x = logp_ref - logp
+    coef: float = 0.04          # beta (DeepSeekMath); value of the constant schedule
+    schedule: KLScheduleConfig = field(default_factory=KLScheduleConfig)
+
+
+@dataclass
+class FilterGroupsConfig:
+    enabled: bool = False       # DAPO dynamic sampling: drop zero-std groups, resample
+    max_extra_rounds: int = 3   # extra rollout rounds the trainer may spend to refill
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss_agg: str = "seq_mean_token_mean"   # | token_mean | seq_mean_token_sum_norm
+    kl_agg: Optional[str] = None            # aggregation of the KL term; None = loss_agg
+    kl: KLConfig = field(default_factory=KLConfig)
+    clip_low: float = 0.2
+    clip_high: float = 0.2                  # DAPO clip-higher: 0.28
+    ppo_epochs: int = 1                     # mu: updates per rollout batch
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    # completions that hit max_new_tokens without EOS get mask 0. Applied by the trainer
+    # (exposed as Algorithm.mask_truncated_completions), after prepare().
+    mask_truncated_completions: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key and its allowed values."""
+        if not self.name:
+            invalid_value("name", self.name, "a registered algorithm name")
+        check_choice("advantage.scale", self.advantage.scale, ADVANTAGE_SCALES)
+        check_nonneg("advantage.eps", self.advantage.eps)
+        check_choice("loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        if self.kl_agg is not None:
+            check_choice("kl_agg", self.kl_agg, LOSS_AGGREGATIONS)
+        check_choice("kl.estimator", self.kl.estimator, KL_ESTIMATORS)
+        check_nonneg("kl.coef", self.kl.coef)
+        s = self.kl.schedule
+        check_choice("kl.schedule.name", s.name, tuple(SCHEDULES))
+        for k in ("start", "end"):
+            if getattr(s, k) is not None:
+                check_nonneg(f"kl.schedule.{k}", getattr(s, k))
+        check_nonneg("kl.schedule.beta_min", s.beta_min)
+        check_nonneg("kl.schedule.beta_max", s.beta_max)
+        if not 0.0 <= s.explore_frac <= 1.0:
+            invalid_value("kl.schedule.explore_frac", s.explore_frac, "a number in [0, 1]")
+        if not 0.0 <= self.clip_low <= 1.0:
+            invalid_value("clip_low", self.clip_low, "a number in [0, 1]")
+        check_nonneg("clip_high", self.clip_high)
+        if self.ppo_epochs < 1:
+            invalid_value("ppo_epochs", self.ppo_epochs, "an integer >= 1")
+        check_nonneg("filter_groups.max_extra_rounds", self.filter_groups.max_extra_rounds)
+
+
+def invalid_value(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"invalid value algorithm.{key}={value!r}; allowed: {allowed}")
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        invalid_value(key, value, ", ".join(map(str, allowed)))
+
+
+def check_nonneg(key: str, value: float) -> None:
+    if value < 0:
+        invalid_value(key, value, "a number >= 0")
+
+
+# ----------------------------------------------------------------------------- interface
+class Algorithm:
+    """Policy-gradient algorithm of the GRPO family: advantages, KL weights and the loss.
+
+    Subclasses override hooks (``shape_rewards``, ``compute_advantages``,
+    ``shape_advantages``, ``sample_kl_coef``, ``policy_objective``) and set ``Config``.
+    """
+
+    Config = AlgorithmConfig
+
+    def __init__(self, cfg: AlgorithmConfig, total_steps: int):
+        self.cfg = cfg
+        self.total_steps = int(total_steps)
+        self._beta = make_schedule(cfg.kl.schedule, coef=cfg.kl.coef)
+
+    # -- properties the trainer reads
+    @property
+    def needs_reference(self) -> bool:
+        """The reference model is needed when beta can be > 0 at any step (GRPO-D keeps it
+        even while its schedule sits at 0)."""
+        return self._beta.peak > 0  # type: ignore[attr-defined]
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        """logp_old is needed when the batch is reused (ppo_epochs > 1); otherwise
+        rho = exp(logp - logp.detach()) = 1."""
+        return self.ppo_epochs > 1
+
+    @property
+    def ppo_epochs(self) -> int:
+        return int(self.cfg.ppo_epochs)
+
+    @property
+    def mask_truncated_completions(self) -> bool:
+        """The trainer zeroes the completion_mask of truncated samples when True."""
+        return bool(self.cfg.mask_truncated_completions)
+
+    @property
+    def filter_groups(self) -> FilterGroupsConfig:
+        return self.cfg.filter_groups
+
+    def beta(self, step: int) -> float:
+        """Scheduled KL coefficient at optimizer step ``step`` of ``total_steps``."""
+        return float(self._beta(step, self.total_steps))
+
+    # -- hooks
+    def shape_rewards(self, rollout: Rollout) -> None:
+        """Modify ``rollout.rewards`` [N] in place (reward shaping). Default: nothing."""
+
+    def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
+        """Advantages [N] from ``rollout.rewards``."""
+        raise NotImplementedError
+
+    def shape_advantages(self, rollout: Rollout, advantages: torch.Tensor,
+                         metrics: dict) -> torch.Tensor:
+        """Reweight advantages [N] (APO: STCR). Default: identity."""
+        return advantages
+
+    def sample_kl_coef(self, rollout: Rollout, advantages: torch.Tensor, beta: float,
+                       metrics: dict) -> torch.Tensor:
+        """Per-sample KL weight beta_i [N] (APO: DADS). Default: beta everywhere."""
+        return torch.full_like(advantages, beta)
+
+    def policy_objective(self, logp: torch.Tensor, logp_old: torch.Tensor, mb: Rollout):
+        """Per-token surrogate to maximise: (s [n,T], clipped_low, clipped_high)."""
+        return clipped_surrogate(logp, logp_old, mb.advantages, self.cfg.clip_low,
+                                 self.cfg.clip_high)
+
+    # -- entry points
+    def prepare(self, rollout: Rollout, step: int) -> dict[str, float]:
+        """Set ``rollout.advantages`` [N] and ``rollout.kl_coef`` [N]; return metrics."""
+        metrics: dict[str, float] = {}
+        self.shape_rewards(rollout)
+        zero = zero_std_groups(rollout.rewards, rollout.group_ids)
+        metrics["frac_reward_zero_std"] = zero.float().mean().item() if zero.numel() else 0.0
+        adv = self.compute_advantages(rollout)
+        adv = self.shape_advantages(rollout, adv, metrics)
+        beta = self.beta(step)
+        kl_coef = self.sample_kl_coef(rollout, adv, beta, metrics)
+        rollout.advantages, rollout.kl_coef = adv, kl_coef
+        a = adv.double()
+        metrics["advantages/mean"] = a.mean().item() if a.numel() else 0.0
+        metrics["advantages/std"] = a.std().item() if a.numel() > 1 else 0.0
+        metrics["beta"] = beta
+        metrics["beta/effective"] = kl_coef.double().mean().item() if a.numel() else beta
+        return metrics
+
+    def keep_groups(self, rollout: Rollout) -> torch.Tensor:
+        """bool [num_groups] (groups in sorted group-id order): False for groups with
+        zero reward std when ``filter_groups.enabled`` (DAPO dynamic sampling)."""
+        zero = zero_std_groups(rollout.rewards, rollout.group_ids)
+        if not self.cfg.filter_groups.enabled:
+            return torch.ones_like(zero)
+        return ~zero
+
+    def loss(self, logp: torch.Tensor, mb: Rollout, norm: LossNormalizer
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of micro-batch ``mb`` (a ``Rollout.select`` slice prepared by ``prepare``):
+
+            loss = aggregate(-s, loss_agg) + aggregate(beta_i * k, kl_agg)
+
+        logp [n, T] (requires grad) for the sampled tokens under the current policy.
+        Metrics (detached 0-d tensors), each normalised with the global ``norm`` so the sum
+        over micro-batches gives the mini-batch value: policy_loss, kl_loss, kl (per-token
+        mean of the estimator), clip_ratio, clip_ratio/low, clip_ratio/high (token fractions).
+        """
+        if mb.advantages is None or mb.kl_coef is None:
+            raise ValueError("Rollout has no advantages/kl_coef: call Algorithm.prepare first")
+        mask = mb.completion_mask
+        if mb.logp_old is None:
+            if self.ppo_epochs > 1:
+                raise ValueError("ppo_epochs > 1 needs rollout.logp_old (needs_old_logprobs)")
+            logp_old = logp.detach()
+        else:
+            logp_old = mb.logp_old
+        s, low, high = self.policy_objective(logp, logp_old, mb)
+        policy_loss = aggregate(-s, mask, self.cfg.loss_agg, norm)
+
+        kl_coef = mb.kl_coef.detach().to(logp.dtype)
+        if mb.logp_ref is not None:
+            k = kl_estimator(logp, mb.logp_ref, self.cfg.kl.estimator)
+            kl_loss = aggregate(kl_coef.unsqueeze(-1) * k, mask,
+                                self.cfg.kl_agg or self.cfg.loss_agg, norm)
+            kl_mean = token_sum_mean(k.detach(), mask, norm)
+        else:
+            if bool((kl_coef != 0).any()):
+                raise ValueError("kl_coef > 0 but rollout.logp_ref is None (needs_reference)")
+            kl_loss = kl_mean = logp.new_zeros(())
+        loss = policy_loss + kl_loss
+        m = mask.to(logp.dtype)
+        c_low = token_sum_mean(low.to(logp.dtype), m, norm)
+        c_high = token_sum_mean(high.to(logp.dtype), m, norm)
+        metrics = {
+            "policy_loss": policy_loss.detach(),
+            "kl_loss": kl_loss.detach(),
+            "kl": kl_mean,
+            "clip_ratio": c_low + c_high,
+            "clip_ratio/low": c_low,
+            "clip_ratio/high": c_high,
+        }
+        return loss, metrics
+
+
+# ----------------------------------------------------------------------------- factory
+def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.select(schema, parent) if parent else schema
+    prefix = f"algorithm.{parent}." if parent else "algorithm."
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    return [prefix + str(k) for k in keys]
+
+
+def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
+    """Algorithm from its config (dict, DictConfig or Config dataclass instance).
+
+    Looks up ``ALGORITHMS.get(cfg.name)`` (UnknownNameError lists the registered names),
+    merges ``cfg`` onto the class's structured ``Config`` (unknown key or wrong type ->
+    ValueError naming ``algorithm.<key>``), validates and instantiates with ``total_steps``.
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = dict(cfg or {})
+    if not cfg.get("name"):
+        raise ValueError("algorithm.name is required; registered: " + ", ".join(ALGORITHMS.names()))
+    cls = ALGORITHMS.get(cfg["name"])
+    schema = OmegaConf.structured(cls.Config)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise ValueError(
+            f"unknown key 'algorithm.{key}' for algorithm '{cfg['name']}'; allowed keys: "
+            f"{', '.join(_node_keys(schema, key))}"
+        ) from e
+    except (ValidationError, OmegaConfBaseException) as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"invalid value for 'algorithm.{key}': {msg}") from e
+    obj = OmegaConf.to_object(merged)
+    obj.validate()
+    return cls(obj, total_steps)
