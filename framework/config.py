@@ -171,5 +171,9 @@ def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
     for name, schema in SECTIONS.items():
         if name not in cfg:
             raise ConfigError(f"config section '{name}' is missing")
-        out[name] = check_section(cfg[name], schema, name)
+        try:
+            section = OmegaConf.to_container(cfg[name], resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad value in '{name}': {str(e).splitlines()[0]}") from None
+        out[name] = check_section(section, schema, name)
     return out

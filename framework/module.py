@@ -69,6 +69,7 @@ class RLModule(L.LightningModule):
         self.eval_acc = torchmetrics.MeanMetric()
         self.eval_fmt = torchmetrics.MeanMetric()
         self.eval_len = torchmetrics.MeanMetric()
+        self.eval_acc_sampled = torchmetrics.MeanMetric()
         self._last_eval_step = -1
 
     # ------------------------------------------------------------------ setup
@@ -134,17 +135,15 @@ class RLModule(L.LightningModule):
         total, comps, correct, rmetrics = self.rewards(texts, recs)
         t2 = time.perf_counter()
         N = len(texts)
-        mask = gen.completion_mask
-        if self.algo.cfg.mask_truncated_completions:
-            mask = mask * (~gen.truncated).float().unsqueeze(1)
         rollout = Rollout(
-            completion_ids=gen.completion_ids, completion_mask=mask,
+            completion_ids=gen.completion_ids, completion_mask=gen.completion_mask,
             group_ids=torch.arange(len(records)).repeat_interleave(G),
             rewards=torch.tensor(total, dtype=torch.float32), correct=torch.tensor(correct, dtype=torch.float32),
             truncated=gen.truncated, reward_components={k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()},
             logp_sampler=gen.logprobs,
             extras={"prompt_inputs": expand_inputs(prompts.inputs, G, prompts.images_per_sample),
-                    "images_per_sample": [c for c in prompts.images_per_sample for _ in range(G)]},
+                    "images_per_sample": [c for c in prompts.images_per_sample for _ in range(G)],
+                    "completion_texts": texts},
         )
         ntok = float(gen.completion_mask.sum())
         metrics["timing_s/rollout"] = metrics.get("timing_s/rollout", 0.0) + (t1 - t0)
@@ -156,7 +155,7 @@ class RLModule(L.LightningModule):
 
     def rollout_with_filter(self, records, metrics):
         rollout, texts, recs = self.collect(records, metrics)
-        fg = self.algo.cfg.filter_groups
+        fg = self.algo.filter_groups
         if not fg.enabled:
             return rollout, texts, recs
         want = len(records)
@@ -178,6 +177,9 @@ class RLModule(L.LightningModule):
     def training_step(self, records, batch_idx):
         t_step = time.perf_counter()
         t = self.s["trainer"]
+        if getattr(self, "_pending_rng", None) is not None:
+            torch.set_rng_state(self._pending_rng)
+            self._pending_rng = None
         if t.eval_every and self.rl_step % t.eval_every == 0 and self._last_eval_step != self.rl_step:
             self.evaluate()
         metrics: dict[str, float] = {}
@@ -186,6 +188,8 @@ class RLModule(L.LightningModule):
         ips = rollout.extras["images_per_sample"]
 
         algo_metrics = self.algo.prepare(rollout, step=self.global_step)
+        if self.algo.mask_truncated_completions:  # after prepare: STCR must still see their lengths
+            rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).float().unsqueeze(1)
         t0 = time.perf_counter()
         if self.algo.needs_reference and self.reference is not None:
             rollout.logp_ref = self._logprobs_no_grad(self.reference, rollout, ips)
@@ -323,11 +327,18 @@ class RLModule(L.LightningModule):
         t = self.s["trainer"]
         r = self.s["rollout"]
         samp = SamplingParams(temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens, stop=r.stop)
-        for m in (self.eval_acc, self.eval_fmt, self.eval_len):
+        sampled = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                 max_new_tokens=r.max_new_tokens, stop=r.stop)
+        for m in (self.eval_acc, self.eval_fmt, self.eval_len, self.eval_acc_sampled):
             m.reset()
         for i in range(0, len(self.eval_records), t.eval_batch_size):
             recs = self.eval_records[i:i + t.eval_batch_size]
-            gen = self.engine.generate(self.encode(recs), 1, samp)
+            prompts = self.encode(recs)
+            gen = self.engine.generate(prompts, 1, sampled)
+            texts = self.bundle.tokenizer.batch_decode(
+                [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
+            self.eval_acc_sampled.update(torch.tensor(self.rewards(texts, recs)[2]))
+            gen = self.engine.generate(prompts, 1, samp)
             texts = self.bundle.tokenizer.batch_decode(
                 [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
             _, comps, correct, _ = self.rewards(texts, recs)
@@ -335,7 +346,8 @@ class RLModule(L.LightningModule):
             if "format" in comps:
                 self.eval_fmt.update(torch.tensor(comps["format"]))
             self.eval_len.update(gen.completion_mask.sum(-1))
-        out = {"eval/accuracy": float(self.eval_acc.compute()), "eval/mean_length": float(self.eval_len.compute())}
+        out = {"eval/accuracy": float(self.eval_acc.compute()), "eval/mean_length": float(self.eval_len.compute()),
+               "eval/accuracy_sampled": float(self.eval_acc_sampled.compute())}
         if self.eval_fmt.update_count:
             out["eval/format"] = float(self.eval_fmt.compute())
         self._log(out)
@@ -348,7 +360,7 @@ class RLModule(L.LightningModule):
         self.history.append(row)
         if self._trainer is None:
             return
-        bar = {"reward", "accuracy", "eval/accuracy", "kl"}
+        bar = {"reward", "accuracy", "eval/accuracy", "eval/accuracy_sampled", "kl"}
         for k, v in clean.items():
             self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
         self.log("rl_step", float(self.rl_step), on_step=True, on_epoch=False, batch_size=1)
@@ -377,8 +389,11 @@ class RLModule(L.LightningModule):
         st = checkpoint.get("rl_state", {})
         self.rl_step = st.get("rl_step", 0)
         self._last_eval_step = st.get("last_eval_step", -1)
-        if "torch_rng" in st:
-            torch.set_rng_state(st["torch_rng"])
+        # applied at the start of the next training_step: setting it here would be undone by the
+        # RNG draws Lightning and the DataLoader make between restoring and the first batch
+        self._pending_rng = st.get("torch_rng")
+        if getattr(self, "batch_sampler", None) is not None:
+            self.batch_sampler.start = self.rl_step   # the prompts the uninterrupted run would see
 
     def state_dict(self, *args, **kwargs):
         return super().state_dict(*args, **kwargs)

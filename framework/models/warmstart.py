@@ -28,12 +28,21 @@ def _default_data_cfg(kind: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
+def _noisy(completion: str, record: dict, rng: random.Random, p: float) -> str:
+    """With probability ``p`` swap the answer for another plausible one (label noise), so the
+    warm-started model is sure of the format but not of the answers."""
+    if p <= 0 or rng.random() >= p or not record["answer"].isdigit():
+        return completion
+    wrong = str(rng.choice([i for i in range(10) if str(i) != record["answer"]]))
+    return completion.replace(record["answer"], wrong)
+
+
 def sft_steps_default() -> int:
-    return 60
+    return 250
 
 
-def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: int = 0, lr: float = 3e-3,
-                      batch_size: int = 32, out_dir: str | Path | None = None, verbose: bool = True) -> Path:
+def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: int = 0, lr: float = 3e-4,
+                      batch_size: int = 32, label_noise: float = 0.0, difficulty: list | None = None, out_dir: str | Path | None = None, verbose: bool = True) -> Path:
     steps = steps or sft_steps_default()
     final = Path(out_dir) if out_dir else cache_root() / f"tiny-{kind}-{TINY_VERSION}-sft{SFT_VERSION}-{steps}steps-seed{seed}"
     base = build_tiny(kind, seed=seed)
@@ -49,6 +58,8 @@ def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: 
         model = load_model(str(base), "float32")
         dcfg = _default_data_cfg(kind)
         dcfg["seed"] = seed + 1000  # a different draw from the RL train split the run uses
+        if difficulty:
+            dcfg["difficulty"] = list(difficulty)
         ds = load_data(dcfg)["train"]
         rng = random.Random(seed)
         torch.manual_seed(seed)
@@ -62,7 +73,8 @@ def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: 
         for _ in it:
             recs = [to_record(ds[rng.randrange(len(ds))]) for _ in range(batch_size)]
             prompts = encode_prompts(bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}"))
-            targets = [tok(reference_completion(r), add_special_tokens=False)["input_ids"] + [eos] for r in recs]
+            targets = [tok(_noisy(reference_completion(r), r, rng, label_noise), add_special_tokens=False)["input_ids"] + [eos]
+                       for r in recs]
             T = max(len(t) for t in targets)
             ids = torch.full((len(recs), T), bundle.pad_token_id, dtype=torch.long)
             for i, tgt in enumerate(targets):
