@@ -180,7 +180,8 @@ class RLModule(L.LightningModule):
         if getattr(self, "_pending_rng", None) is not None:
             torch.set_rng_state(self._pending_rng)
             self._pending_rng = None
-        if t.eval_every and self.rl_step % t.eval_every == 0 and self._last_eval_step != self.rl_step:
+        due = self.rl_step == 0 or (t.eval_every and self.rl_step % t.eval_every == 0)
+        if due and self._last_eval_step != self.rl_step:
             self.evaluate()
         metrics: dict[str, float] = {}
         rollout, texts, recs = self.rollout_with_filter(records, metrics)
@@ -231,7 +232,11 @@ class RLModule(L.LightningModule):
                         if t.on_nonfinite == "error":
                             raise NonFiniteError(msg + ". Set trainer.on_nonfinite=skip to skip such steps.")
                         self.print("WARNING: " + msg + "; skipping this update")
+                        # an optimizer step without gradients: no parameter changes, but the step
+                        # counters (max_steps, LR and KL schedules) advance as usual
                         opt.zero_grad(set_to_none=True)
+                        opt.step()
+                        sched.step()
                         metrics["nonfinite_skipped"] = 1.0
                         break
                     self.manual_backward(loss)
@@ -246,8 +251,7 @@ class RLModule(L.LightningModule):
                     for k, v in acc.items():
                         step_stats[k].append(v)
                     step_stats["entropy"].append(ent_sum / max(ent_cnt, 1.0))
-                    continue
-                break
+                # (a skipped mini-batch made its empty optimizer step above; go on with the next)
         t_done = time.perf_counter()
         if self.engine is not None:
             self.engine.sync_weights(self.policy)

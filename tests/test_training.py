@@ -40,7 +40,8 @@ def test_training_improves_heldout_accuracy(tmp_path, algorithm):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
-    common = ["trainer.max_steps=4", "trainer.prompts_per_step=4", "trainer.eval_every=0", "trainer.eval_size=8",
+    """GRPO-D, so the KL schedule's position must survive the restart too."""
+    common = ["algorithm=grpo_d", "trainer.max_steps=4", "trainer.prompts_per_step=4", "trainer.eval_every=0", "trainer.eval_size=8",
               "trainer.save_every=2", "rollout.group_size=4"]
     full = train(cfg_for(tmp_path / "full", *common))
     ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
@@ -50,7 +51,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     steps_res = [r for r in resumed.history if "reward" in r]
     assert [r["rl_step"] for r in steps_res] == [3.0, 4.0]
     for a, b in zip(steps_full[2:], steps_res):
-        for k in ("reward", "loss", "kl", "grad_norm", "completions/mean_length"):
+        for k in ("reward", "loss", "kl", "grad_norm", "completions/mean_length", "beta", "lr"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert full.metric("eval/accuracy")[-1] == pytest.approx(resumed.metric("eval/accuracy")[-1])
 
@@ -65,3 +66,28 @@ def test_example_plugin_algorithm_trains_end_to_end(tmp_path, monkeypatch):
     assert [r["rl_step"] for r in rows] == [1.0, 2.0]
     # the logged reward is the plugins' weighted sum; the algorithm's shaping shows in the advantages
     assert all("advantages/mean" in r for r in rows)
+
+
+def _register_nan_algorithm():
+    from algorithms.grpo import GRPO
+    from framework.registry import ALGORITHMS
+
+    class NaNRewards(GRPO):
+        """Test-only: poisons the rewards so the advantages and the loss are NaN."""
+        def shape_rewards(self, rollout):
+            rollout.rewards = rollout.rewards * float("nan")
+
+    ALGORITHMS.register("test_nan", NaNRewards, override=True)
+
+
+def test_nonfinite_loss_stops_with_step_and_metric_or_skips(tmp_path):
+    from framework.module import NonFiniteError
+
+    _register_nan_algorithm()
+    common = ["algorithm.name=test_nan", "trainer.max_steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
+              "trainer.eval_every=0", "trainer.eval_size=4"]
+    with pytest.raises(NonFiniteError, match=r"RL step 0 .*non-finite metric\(s\): .*(loss|policy_loss)"):
+        train(cfg_for(tmp_path / "a", *common))
+    res = train(cfg_for(tmp_path / "b", *common, "trainer.on_nonfinite=skip"))
+    skipped = [r for r in res.history if r.get("nonfinite_skipped")]
+    assert skipped and all("grad_norm" not in r for r in skipped)
