@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except Exception as e:  # noqa: BLE001
-        if type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError)) and not os.environ.get("APO_RL_DEBUG"):
+        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) and not os.environ.get("APO_RL_DEBUG"):
             print(f"error: {e}", file=sys.stderr)
             print("(set APO_RL_DEBUG=1 for the full traceback)", file=sys.stderr)
             sys.exit(2)
