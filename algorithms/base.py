@@ -221,6 +221,9 @@ class Algorithm:
 
             loss = aggregate(-s, loss_agg) + aggregate(beta_i * k, kl_agg)
 
+        (``s`` multiplied per token by ``mb.tis_weights`` when the trainer set them: truncated
+        importance sampling, ``algorithms.losses.truncated_is_weights``.)
+
         logp [n, T] (requires grad) for the sampled tokens under the current policy.
         Metrics (detached 0-d tensors), each normalised with the global ``norm`` so the sum
         over micro-batches gives the mini-batch value: policy_loss, kl_loss, kl (per-token
@@ -236,6 +239,8 @@ class Algorithm:
         else:
             logp_old = mb.logp_old
         s, low, high = self.policy_objective(logp, logp_old, mb)
+        if mb.tis_weights is not None:  # truncated IS correction of the sampler mismatch (rollout.tis_cap)
+            s = s * mb.tis_weights.detach().to(s.dtype)
         policy_loss = aggregate(-s, mask, self.cfg.loss_agg, norm)
 
         kl_coef = mb.kl_coef.detach().to(logp.dtype)

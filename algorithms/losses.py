@@ -43,6 +43,29 @@ def clipped_surrogate(
     return s, low, high
 
 
+def truncated_is_weights(
+    logp_trainer: torch.Tensor,
+    logp_sampler: torch.Tensor,
+    cap: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Truncated importance-sampling weights for tokens drawn by a sampler (e.g. vLLM) whose
+    log-probs differ from the trainer's (Yao et al. 2025, "off-policy RL from inference
+    mismatch"):
+
+        w = min(exp(logp_trainer - logp_sampler), cap)      (detached)
+
+    logp_trainer, logp_sampler [N, T] for the sampled tokens under the rollout policy (the
+    trainer's forward and the engine's report). Masked positions (``mask`` == 0) get w = 0.
+    ``Algorithm.loss`` multiplies the per-token surrogate by w.
+    """
+    w = torch.exp((logp_trainer.detach().double() - logp_sampler.detach().double())).clamp(max=float(cap))
+    w = w.to(logp_trainer.dtype)
+    if mask is not None:
+        w = w * mask.to(w.dtype)
+    return w
+
+
 def _safe(denominator: float) -> float:
     d = float(denominator)
     return d if d > 0 else 1.0  # an empty batch: the numerator is 0 too

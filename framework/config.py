@@ -52,6 +52,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     stop: Optional[list[str]] = None
     eval_temperature: float = 0.0          # greedy evaluation
+    seed_per_prompt: bool = False          # sample each prompt from its own seed (batch/rank independent)
     # vLLM options (ignored by the hf engine)
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
@@ -73,6 +74,9 @@ class RolloutConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{p}.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         _positive(f"{p}.tensor_parallel_size", self.tensor_parallel_size)
+        _positive(f"{p}.max_model_len", self.max_model_len)
+        if self.tis_cap is not None and self.tis_cap < 1:
+            raise ConfigError(f"{p}.tis_cap={self.tis_cap} must be >= 1 (a cap on pi_trainer/pi_sampler; null: off)")
 
 
 @dataclass
@@ -109,6 +113,8 @@ class TrainerConfig:
     eval_every: int = 10                   # RL steps between evaluations (0: only start and end)
     eval_size: int = 200                   # test records used for evaluation
     eval_batch_size: int = 64
+    eval_pass_k: int = 1                   # k of eval/pass@k (sampled at the rollout temperature)
+    eval_samples: Optional[int] = None     # n samples per prompt for pass@k / accuracy_sampled (null: = k)
     save_every: int = 0                    # RL steps between checkpoints (0: only at the end)
     log_every: int = 1
     log_completions_every: int = 10        # sample table to W&B every N steps (0: off)
@@ -119,11 +125,14 @@ class TrainerConfig:
 
     def validate(self, p: str) -> None:
         for k in ("max_steps", "prompts_per_step", "micro_batch_size", "num_mini_batches", "eval_size",
-                  "eval_batch_size", "log_every", "logprob_chunk_size", "num_nodes"):
+                  "eval_batch_size", "eval_pass_k", "log_every", "logprob_chunk_size", "num_nodes"):
             _positive(f"{p}.{k}", getattr(self, k))
         for k in ("eval_every", "save_every", "log_completions_every", "num_workers"):
             _positive(f"{p}.{k}", getattr(self, k), zero_ok=True)
         _choice(f"{p}.on_nonfinite", self.on_nonfinite, {"error", "skip"})
+        if self.eval_samples is not None and self.eval_samples < self.eval_pass_k:
+            raise ConfigError(f"{p}.eval_samples={self.eval_samples} must be >= {p}.eval_pass_k={self.eval_pass_k} "
+                              "(pass@k needs at least k samples per prompt; null uses k)")
         if self.prompts_per_step % self.num_mini_batches:
             raise ConfigError(f"{p}.prompts_per_step={self.prompts_per_step} must be divisible by "
                               f"{p}.num_mini_batches={self.num_mini_batches} (groups are not split)")

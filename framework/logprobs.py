@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = torch.nn.functional.linear(h, weight, bias).float()
+    logits = torch.nn.functional.linear(h, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
     if temperature != 1.0:
         logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)

@@ -13,8 +13,10 @@ the :class:`algorithms.base.Algorithm` interface.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import zlib
 from collections import defaultdict
 from typing import Any
 
@@ -49,7 +51,7 @@ def lr_lambda(scheduler: str, total: int, warmup: int, min_ratio: float):
 
 class RLModule(L.LightningModule):
     def __init__(self, *, policy, reference, bundle, algorithm, rewards, engine_factory, sections, data_cfg,
-                 eval_records: list[dict] | None = None, extra_prompts=None):
+                 eval_records: list[dict] | None = None, extra_prompts=None, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -63,6 +65,7 @@ class RLModule(L.LightningModule):
         self.eval_records = eval_records or []
         self.extra_prompts = extra_prompts   # iterator of record lists for filter_groups refills
         self.rl_step = 0
+        self.seed = seed
         self.updates_per_step = algorithm.ppo_epochs * sections["trainer"].num_mini_batches
         self.total_updates = sections["trainer"].max_steps * self.updates_per_step
         self.history: list[dict[str, float]] = []   # every logged metric row, for tests and reports
@@ -94,8 +97,11 @@ class RLModule(L.LightningModule):
     @property
     def sampling(self) -> SamplingParams:
         r = self.s["rollout"]
+        # engines that report the sampler's log-probs for free (vLLM) are asked for them: they
+        # give the sampler/trainer gap metric and the truncated-IS correction (rollout.tis_cap)
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, stop=r.stop, return_logprobs=False)
+                              max_new_tokens=r.max_new_tokens, stop=r.stop,
+                              return_logprobs=bool(getattr(self.engine, "returns_logprobs", False)))
 
     def encode(self, records):
         return encode_prompts(self.bundle, records, self.data_cfg.get("system_prompt"),
@@ -127,7 +133,11 @@ class RLModule(L.LightningModule):
         G = self.s["rollout"].group_size
         t0 = time.perf_counter()
         prompts = self.encode(records)
-        gen = self.engine.generate(prompts, G, self.sampling)
+        sp = self.sampling
+        if self.s["rollout"].seed_per_prompt:
+            sp.seeds = [zlib.crc32(f"{self.seed}:{self.rl_step}:{r.get('id', i)}".encode())
+                        for i, r in enumerate(records)]
+        gen = self.engine.generate(prompts, G, sp)
         t1 = time.perf_counter()
         texts = self.bundle.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
@@ -187,6 +197,9 @@ class RLModule(L.LightningModule):
         rollout, texts, recs = self.rollout_with_filter(records, metrics)
         N = len(texts)
         ips = rollout.extras["images_per_sample"]
+        sleep = self.engine is not None and self.s["rollout"].sleep
+        if sleep:   # free the engine's memory (weights + KV cache) for the forward/backward passes
+            self.engine.sleep()
 
         algo_metrics = self.algo.prepare(rollout, step=self.global_step)
         if self.algo.mask_truncated_completions:  # after prepare: STCR must still see their lengths
@@ -198,7 +211,16 @@ class RLModule(L.LightningModule):
         if self.algo.needs_old_logprobs:
             rollout.logp_old = self._logprobs_no_grad(self.policy, rollout, ips)
         if rollout.logp_sampler is not None:
-            self._sampler_gap(rollout, ips, metrics)
+            logp_trainer = self._sampler_gap(rollout, ips, metrics)
+            cap = self.s["rollout"].tis_cap
+            if cap:   # truncated importance sampling: correct for the sampler/trainer mismatch
+                from algorithms.losses import truncated_is_weights
+
+                w = truncated_is_weights(logp_trainer, rollout.logp_sampler, cap, rollout.completion_mask)
+                rollout.tis_weights = w
+                m = rollout.completion_mask
+                metrics["rollout/tis_weight_mean"] = float((w * m).sum() / m.sum().clamp(min=1))
+                metrics["rollout/tis_capped_frac"] = float(((w >= cap) * m).sum() / m.sum().clamp(min=1))
         metrics["timing_s/ref"] = t1 - t0
 
         opt = self.optimizers()
@@ -239,7 +261,8 @@ class RLModule(L.LightningModule):
                         sched.step()
                         metrics["nonfinite_skipped"] = 1.0
                         break
-                    self.manual_backward(loss)
+                    with self._no_grad_sync():   # gradients are all-reduced once, before the step
+                        self.manual_backward(loss)
                     acc["loss"] += float(loss.detach())
                     for k, v in lm.items():
                         acc[k] += float(v)
@@ -250,11 +273,15 @@ class RLModule(L.LightningModule):
                     step_stats["grad_norm"].append(gn)
                     for k, v in acc.items():
                         step_stats[k].append(v)
-                    step_stats["entropy"].append(ent_sum / max(ent_cnt, 1.0))
+                    step_stats["entropy"].append(ent_sum / norm.num_tokens)  # this rank's share of the global token mean
                 # (a skipped mini-batch made its empty optimizer step above; go on with the next)
         t_done = time.perf_counter()
         if self.engine is not None:
+            if sleep:   # weights first: they are pushed before the KV cache takes memory again
+                self.engine.wake(["weights"])
             self.engine.sync_weights(self.policy)
+            if sleep:
+                self.engine.wake(["kv_cache"])
         metrics["timing_s/sync"] = time.perf_counter() - t_done
         metrics["timing_s/update"] = t_done - t_up
         for k, v in step_stats.items():
@@ -265,14 +292,43 @@ class RLModule(L.LightningModule):
         metrics["timing_s/step"] = time.perf_counter() - t_step
         metrics["perf/update_tokens_per_s"] = float(rollout.completion_mask.sum()) * self.algo.ppo_epochs / max(t_done - t_up, 1e-9)
         self.rl_step += 1
-        self._log(metrics)
+        self._log(self._reduce_metrics(metrics))
         if self.s["trainer"].log_completions_every and (self.rl_step - 1) % self.s["trainer"].log_completions_every == 0:
             self._log_table(texts, recs, rollout)
         if self.rl_step >= t.max_steps:
             self.evaluate()
 
+    def _is_ddp(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1 and \
+            type(self.trainer.strategy).__name__.startswith("DDP")
+
+    def _no_grad_sync(self):
+        """Under DDP, accumulate local gradients without DDP's per-backward all-reduce (an RL step
+        makes many backward passes inside one training_step); :meth:`_allreduce_grads` sums them."""
+        wrapped = getattr(self.trainer.strategy, "model", None) if self._is_ddp() else None
+        return wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+
+    def _allreduce_grads(self) -> None:
+        """Sum gradients over ranks. Each rank's loss already uses the global denominators
+        (:meth:`_global_normalizer`), so the sum is the gradient of the global-batch loss."""
+        import torch.distributed as dist
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        off = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[off:off + n].view_as(p))
+            off += n
+
     def _clip_and_step(self, opt, sched) -> float:
         clip = self.s["optim"].grad_clip
+        if self._is_ddp():
+            self._allreduce_grads()
         params = [p for p in self.policy.parameters() if p.grad is not None]
         if clip:
             gn = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -284,16 +340,40 @@ class RLModule(L.LightningModule):
         return float(gn)
 
     def _global_normalizer(self, norm: LossNormalizer) -> LossNormalizer:
-        """Denominators over all ranks. DDP averages gradients over ranks, so each rank's loss is
-        scaled by the world size to make the averaged gradient equal the global-batch gradient."""
+        """Denominators summed over all ranks, so that the rank losses add up to the loss of the
+        global batch (token_mean divides by the token count of all ranks and micro-batches).
+        DDP: gradients are summed by :meth:`_allreduce_grads`. Strategies that average gradients
+        over ranks (FSDP) get the denominators divided by the world size instead."""
         ws = self.trainer.world_size if self._trainer is not None else 1
         if ws <= 1:
             return norm
-        vals = torch.tensor([norm.num_sequences, norm.num_tokens], device=self.device, dtype=torch.float64)
-        vals = self.trainer.strategy.reduce(vals, reduce_op="sum")
-        return LossNormalizer(num_sequences=float(vals[0]) / ws, num_tokens=float(vals[1]) / ws, max_len=norm.max_len)
+        import torch.distributed as dist
 
-    def _sampler_gap(self, rollout: Rollout, ips, metrics) -> None:
+        vals = torch.tensor([norm.num_sequences, norm.num_tokens], dtype=torch.float64)
+        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+        div = 1.0 if self._is_ddp() else float(ws)
+        return LossNormalizer(num_sequences=float(vals[0]) / div, num_tokens=float(vals[1]) / div, max_len=norm.max_len)
+
+    # metrics that add up over ranks (each rank holds its share of a global sum); the rest are means
+    ADDITIVE = ("loss", "policy_loss", "kl_loss", "kl", "clip_ratio", "clip_ratio/low", "clip_ratio/high", "entropy")
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        ws = self.trainer.world_size if self._trainer is not None else 1
+        if ws <= 1:
+            return metrics
+        import torch.distributed as dist
+
+        keys = sorted(k for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v)))
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
+        out = {k: float(v) if k in self.ADDITIVE else float(v) / ws for k, v in zip(keys, vals)}
+        if "grad_norm" in metrics:  # computed after the all-reduce: already the global norm
+            out["grad_norm"] = metrics["grad_norm"]
+        return out
+
+    def _sampler_gap(self, rollout: Rollout, ips, metrics) -> torch.Tensor:
+        """Log |logp_sampler - logp_trainer| (per token, mean and max) for the rollout policy and
+        warn above ``rollout.logp_diff_warn``; returns the trainer's log-probs [N, T]."""
         lp = rollout.logp_old if rollout.logp_old is not None else self._logprobs_no_grad(self.policy, rollout, ips)
         m = rollout.completion_mask
         diff = (rollout.logp_sampler - lp).abs() * m
@@ -302,6 +382,7 @@ class RLModule(L.LightningModule):
         if metrics["rollout/logp_diff_mean"] > self.s["rollout"].logp_diff_warn:
             self.print(f"WARNING: step {self.rl_step}: sampler/trainer log-prob gap {metrics['rollout/logp_diff_mean']:.3g} "
                        "(stale engine weights or a prompt-processing mismatch?)")
+        return lp
 
     def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
         G = self.s["rollout"].group_size
@@ -324,36 +405,21 @@ class RLModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy / format rate / length on the held-out records."""
+        """Held-out evaluation by :class:`framework.evaluation.Evaluator`: greedy accuracy, format
+        rate and lengths (all / correct / incorrect); sampled accuracy and pass@k from
+        ``trainer.eval_samples`` completions per prompt at the rollout temperature. Logs
+        ``eval/*`` and ``eval/step`` (the RL step the evaluation belongs to)."""
         if not self.eval_records or self.engine is None:
             return {}
+        from framework.evaluation import Evaluator
+
         self._last_eval_step = self.rl_step
         t = self.s["trainer"]
-        r = self.s["rollout"]
-        samp = SamplingParams(temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens, stop=r.stop)
-        sampled = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                 max_new_tokens=r.max_new_tokens, stop=r.stop)
-        for m in (self.eval_acc, self.eval_fmt, self.eval_len, self.eval_acc_sampled):
-            m.reset()
-        for i in range(0, len(self.eval_records), t.eval_batch_size):
-            recs = self.eval_records[i:i + t.eval_batch_size]
-            prompts = self.encode(recs)
-            gen = self.engine.generate(prompts, 1, sampled)
-            texts = self.bundle.tokenizer.batch_decode(
-                [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
-            self.eval_acc_sampled.update(torch.tensor(self.rewards(texts, recs)[2]))
-            gen = self.engine.generate(prompts, 1, samp)
-            texts = self.bundle.tokenizer.batch_decode(
-                [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
-            _, comps, correct, _ = self.rewards(texts, recs)
-            self.eval_acc.update(torch.tensor(correct))
-            if "format" in comps:
-                self.eval_fmt.update(torch.tensor(comps["format"]))
-            self.eval_len.update(gen.completion_mask.sum(-1))
-        out = {"eval/accuracy": float(self.eval_acc.compute()), "eval/mean_length": float(self.eval_len.compute()),
-               "eval/accuracy_sampled": float(self.eval_acc_sampled.compute())}
-        if self.eval_fmt.update_count:
-            out["eval/format"] = float(self.eval_fmt.compute())
+        evaluator = Evaluator.from_config(self.engine, self.bundle, self.rewards, self.data_cfg, self.s["rollout"],
+                                          pass_k=t.eval_pass_k, num_samples=t.eval_samples,
+                                          batch_size=t.eval_batch_size)
+        out = evaluator.run(self.eval_records)
+        out["eval/step"] = float(self.rl_step)
         self._log(out)
         return out
 

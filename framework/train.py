@@ -46,8 +46,21 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return perm[k * self.bs:(k + 1) * self.bs]
 
     def __iter__(self):
+        rank, world = _rank_world()
+        if self.bs % world:
+            raise ConfigError(f"trainer.prompts_per_step={self.bs} must be divisible by the number of ranks ({world}): "
+                              "each group of G completions stays on one rank")
+        per = self.bs // world
         for s in itertools.count(self.start):
-            yield self.batch(s)
+            yield self.batch(s)[rank * per:(rank + 1) * per]   # this rank's contiguous shard of the global batch
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def check_early(cfg: DictConfig) -> dict[str, Any]:
@@ -63,7 +76,9 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     total = t.max_steps * pre.ppo_epochs * t.num_mini_batches
     algorithm = build_algorithm(algo_cfg, total_steps=total)
     rewards = RewardSet.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
-    ROLLOUT_ENGINES.get(sections["rollout"].engine)
+    engine_cls = ROLLOUT_ENGINES.get(sections["rollout"].engine)
+    if hasattr(engine_cls, "check_available"):   # e.g. vLLM not installed: say how, before any model loads
+        engine_cls.check_available()
     task = cfg.data.get("task")
     if task not in ("local", "hub") and task not in TASKS:
         TASKS.get(task)  # raises with the list of registered tasks
@@ -157,7 +172,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     module = RLModule(policy=policy, reference=reference, bundle=bundle, algorithm=algorithm, rewards=rewards,
                       engine_factory=engine_factory, sections=s, data_cfg=data_cfg, eval_records=eval_records,
-                      extra_prompts=extra_prompts())
+                      extra_prompts=extra_prompts(), seed=int(cfg.seed))
     module.batch_sampler = sampler
 
     ckpt_cb = RLCheckpoint(out / "checkpoints", every=t.save_every, bundle=bundle)

@@ -25,6 +25,7 @@ class Rollout:
     logp_sampler: torch.Tensor | None = None  # [N, T] log-probs reported by the engine
     advantages: torch.Tensor | None = None    # [N] set by Algorithm.prepare
     kl_coef: torch.Tensor | None = None       # [N] per-sample KL weight beta_i, set by prepare
+    tis_weights: torch.Tensor | None = None   # [N, T] truncated IS weights sampler -> trainer (rollout.tis_cap)
     extras: dict[str, Any] = field(default_factory=dict)  # prompt inputs etc. (not sliced)
 
     @property

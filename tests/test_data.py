@@ -404,7 +404,7 @@ def test_hydra_data_configs():
         txt = compose(overrides=["+data=synthetic_text"]).data
         loc = compose(overrides=["+data=local", f"+data.path={FIX / 'local'}"]).data
         hub = compose(overrides=["+data=hub"]).data
-    assert syn.task == "synthetic" and list(syn.kinds) == ["count"] and list(syn.difficulty) == [1]
+    assert syn.task == "synthetic" and list(syn.kinds) == ["count"] and list(syn.difficulty) == [1, 2]
     assert syn.train_size == 2000 and syn.test_size == 200 and syn.modality == "image"
     assert txt.modality == "text" and txt.task == "synthetic" and txt.seed == 0
     for c in (syn, txt, loc, hub):

@@ -1,6 +1,7 @@
 """Data layer: one record schema (Hugging Face ``datasets``) for every source.
 
-Importing this package registers the built-in tasks (``synthetic``, ``local``, ``hub``) in
+Importing this package registers the built-in tasks (``synthetic``, ``local``, ``hub`` and the
+benchmark adapters ``mmmu``, ``mathverse``, ``mmstar``, ``r1v``) in
 ``framework.registry.TASKS`` (it is the registry's defaults module).
 """
 from .schema import COLUMNS, FEATURES, IMAGE_PLACEHOLDER, choice_letters, decode_image, to_record
@@ -8,6 +9,7 @@ from .validation import DataError, ValidationReport, check_record, validate_reco
 from . import synthetic  # noqa: F401  (registers the "synthetic" task)
 from .synthetic import reference_completion
 from .loading import load_data, load_hub, load_local, prepare_data, resolve_columns
+from . import benchmarks  # noqa: F401,E402  (registers the benchmark adapter tasks)
 
 __all__ = [
     "COLUMNS", "FEATURES", "IMAGE_PLACEHOLDER", "DataError", "ValidationReport",

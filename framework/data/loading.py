@@ -300,11 +300,9 @@ def _from_rows(rows: list[dict], source: str, **kw) -> Dataset:
     return Dataset.from_dict(cols, features=FEATURES)
 
 
-def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
-    available = list(ds.column_names)
-    columns = resolve_columns(available, kw.pop("field_map"), source)
-    meta_cols = _check_metadata_columns(kw.pop("metadata_columns"), available, source)
-    # keep images encoded: no decode/re-encode round trip
+def undecoded(ds: Dataset) -> Dataset:
+    """``ds`` with its image columns (one image or a list) cast to ``Image(decode=False)``:
+    rows then hold ``{"bytes", "path"}`` dicts instead of decoded PIL images."""
     for col, feat in ds.features.items():
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
@@ -312,6 +310,14 @@ def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
             getattr(feat, "feature", None), datasets.Image
         ):
             ds = ds.cast_column(col, type(feat)(datasets.Image(decode=False)))
+    return ds
+
+
+def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
+    available = list(ds.column_names)
+    columns = resolve_columns(available, kw.pop("field_map"), source)
+    meta_cols = _check_metadata_columns(kw.pop("metadata_columns"), available, source)
+    ds = undecoded(ds)  # keep images encoded: no decode/re-encode round trip
 
     def fn(batch, indices):
         n = len(indices)
@@ -422,12 +428,19 @@ def load_local(cfg: Any) -> DatasetDict:
 
 # ----------------------------------------------------------------------------- hub
 @TASKS.register("hub")
-def load_hub(cfg: Any) -> DatasetDict:
-    """A Hugging Face Hub dataset via ``datasets.load_dataset`` (see module docstring)."""
+def load_hub(cfg: Any, preprocess: Callable[[Dataset], Dataset] | None = None) -> DatasetDict:
+    """A Hugging Face Hub dataset via ``datasets.load_dataset`` (see module docstring).
+
+    ``hub_id`` may also be a local folder laid out like a hub dataset repo (parquet/jsonl
+    files, optionally a README.md declaring configs). ``config_name`` may be a list: the
+    configs are loaded and concatenated (MMMU's per-subject configs). ``preprocess`` (used by
+    the benchmark adapters, framework/data/benchmarks.py) maps each raw split, images
+    undecoded, before ``field_map`` applies."""
     hub_id = cfg_get(cfg, "hub_id")
     if not hub_id:
         raise DataError("data.hub_id must be set for data.task=hub (e.g. data.hub_id=lmms-lab/MathVista)")
-    config_name = cfg_get(cfg, "config_name")
+    config_name = to_plain(cfg_get(cfg, "config_name"))
+    configs = list(config_name) if isinstance(config_name, (list, tuple)) else [config_name]
     revision = cfg_get(cfg, "revision")
     splits = to_plain(cfg_get(cfg, "splits", {})) or {"train": "train", "test": "test"}
     out = {}
@@ -435,7 +448,8 @@ def load_hub(cfg: Any) -> DatasetDict:
         if spec is None:
             continue
         try:
-            ds = datasets.load_dataset(str(hub_id), config_name, split=str(spec), revision=revision)
+            parts = [datasets.load_dataset(str(hub_id), c, split=str(spec), revision=revision) for c in configs]
+            ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         except Exception as e:  # offline, unknown id, bad split spec, ...
             raise DataError(
                 f"could not load hub dataset '{hub_id}'"
@@ -444,8 +458,12 @@ def load_hub(cfg: Any) -> DatasetDict:
                 "If this machine is offline or cannot reach the Hub, copy the data here "
                 f"(e.g. on a connected machine: datasets.load_dataset('{hub_id}', split='{spec}')"
                 ".to_parquet('DIR/" + split + ".parquet')) and use it with "
-                "data=local data.path=DIR (keeping the same data.field_map)."
+                "data=local data.path=DIR (keeping the same data.field_map), or download the dataset repo "
+                "(huggingface-cli download --repo-type dataset " + str(hub_id) + " --local-dir DIR) and set "
+                "data.hub_id=DIR."
             ) from e
+        if preprocess is not None:
+            ds = preprocess(undecoded(ds))
         out[split] = _from_dataset(
             ds,
             f"hub dataset '{hub_id}' split '{spec}'",
@@ -453,6 +471,6 @@ def load_hub(cfg: Any) -> DatasetDict:
             metadata_columns=cfg_get(cfg, "metadata_columns", []),
             base_dir=None,
             default_task=str(cfg_get(cfg, "task_name", hub_id)),
-            id_prefix=f"{str(hub_id).replace('/', '_')}-{split}",
+            id_prefix=f"{Path(str(hub_id)).name if Path(str(hub_id)).is_dir() else str(hub_id).replace('/', '_')}-{split}",
         )
     return DatasetDict(out)

@@ -3,7 +3,10 @@ completions per prompt. Engines register in ``framework.registry.ROLLOUT_ENGINES
 
     generate(prompts, n, sampling) -> Generation   (token ids, mask, optional log-probs)
     sync_weights(model)                               after every optimizer step
-    sleep() / wake()                                  free / restore memory around the update
+    sleep() / wake(tags)                              free / restore memory around the update
+
+An engine whose ``returns_logprobs`` is True reports the sampler's log-probs with the tokens
+at no extra cost; the trainer then requests them and logs the sampler/trainer gap.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: list[str] | None = None
     return_logprobs: bool = False
+    seeds: list[int] | None = None   # one per prompt: sample each prompt's completions from its own seed
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Generation:
 
 class RolloutEngine:
     name = "base"
+    returns_logprobs = False   # True: generate() returns sampler log-probs at no extra cost
 
     def __init__(self, cfg, bundle, model):
         self.cfg, self.bundle, self.model = cfg, bundle, model
@@ -46,8 +51,8 @@ class RolloutEngine:
     def sleep(self) -> None:
         pass
 
-    def wake(self) -> None:
-        pass
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Restore what ``sleep`` freed: ``tags`` among "weights", "kv_cache" (all when None)."""
 
     def close(self) -> None:
         pass

@@ -15,6 +15,8 @@ class HFGenerateEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts, n: int, sampling: SamplingParams) -> Generation:
+        if sampling.seeds is not None:
+            return self._generate_seeded(prompts, n, sampling)
         model = self.model
         was_training = model.training
         model.eval()
@@ -52,3 +54,37 @@ class HFGenerateEngine(RolloutEngine):
             logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
             logprobs = logprobs * mask
         return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
+
+    def _generate_seeded(self, prompts, n: int, sampling: SamplingParams) -> Generation:
+        """Each prompt's n completions drawn alone from its own seed: the samples do not depend
+        on which prompts share the batch, the batch size or the number of ranks (slower)."""
+        from dataclasses import replace
+
+        from framework.rollout.inputs import select_inputs
+
+        outs = []
+        for i, seed in enumerate(sampling.seeds):
+            sub = replace(prompts, records=prompts.records[i:i + 1], texts=prompts.texts[i:i + 1],
+                          images=prompts.images[i:i + 1], images_per_sample=prompts.images_per_sample[i:i + 1],
+                          inputs=_strip_left_pad(select_inputs(prompts.inputs, [i], prompts.images_per_sample)))
+            rng = torch.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                outs.append(self.generate(sub, n, replace(sampling, seeds=None)))
+            finally:
+                torch.set_rng_state(rng)
+        T = max(o.completion_ids.shape[1] for o in outs)
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+        return Generation(
+            completion_ids=torch.cat([pad(o.completion_ids, self.bundle.pad_token_id) for o in outs]),
+            completion_mask=torch.cat([pad(o.completion_mask, 0.0) for o in outs]),
+            truncated=torch.cat([o.truncated for o in outs]),
+            logprobs=torch.cat([pad(o.logprobs, 0.0) for o in outs]) if outs[0].logprobs is not None else None,
+        )
+
+
+def _strip_left_pad(inputs: dict) -> dict:
+    """One prompt's inputs without its left padding (as if it had been encoded alone)."""
+    keep = inputs["attention_mask"][0].bool()
+    start = int(keep.float().argmax())
+    return {k: (v[:, start:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()}

@@ -1,0 +1,165 @@
+"""Evaluate a checkpoint on a benchmark: ``python -m benchmarks.evaluate checkpoint=<path> data=<benchmark>``.
+
+``checkpoint`` is a policy folder written by training (``…/checkpoints/step-000080/policy``),
+its step folder, or any Hugging Face model folder / hub id / built-in ``tiny:…`` model.
+``data`` is any data config (configs/data/: mathvista, mathverse, mmk12, mmstar, mmmu,
+geometry3k, geoqa, superclevr, synthetic, ...). The metrics are those the trainer logs as
+``eval/*`` (framework/evaluation.py): greedy accuracy, format rate, mean length (all /
+correct / incorrect), sampled accuracy and pass@k (``pass_k``, ``num_samples``). They are
+printed as JSON and written to ``output`` (default ``<run dir>/metrics.json``).
+
+Examples::
+
+    python -m benchmarks.evaluate checkpoint=outputs/…/checkpoints/step-000080 data=synthetic limit=100
+    python -m benchmarks.evaluate checkpoint=/models/View-R1-3B model=qwen2_5_vl_3b data=mathvista device=cuda
+    python -m benchmarks.evaluate checkpoint=… data=superclevr data.path=/data/superclevr pass_k=4 num_samples=8
+    python -m benchmarks.evaluate -m checkpoint=… data=mathvista,mathverse,mmstar   # several benchmarks
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+USER_ERRORS = ("ConfigError", "UnknownNameError", "ModelNotFoundError", "DataError", "ImportError")
+
+
+def resolve_checkpoint(checkpoint: Any) -> str:
+    """A model folder (or hub id / tiny:…) from a checkpoint path as training writes it."""
+    from framework.config import ConfigError
+    from framework.models.loading import resolve_path
+
+    if checkpoint is None or str(checkpoint) in ("", "???"):
+        raise ConfigError("checkpoint is not set: checkpoint=<…/checkpoints/step-N/policy, a step folder, "
+                          "or a Hugging Face model folder / hub id>")
+    p = Path(str(checkpoint)).expanduser()
+    if p.is_file() and p.name == "state.ckpt":
+        p = p.parent
+    if p.is_dir() and not (p / "config.json").exists() and (p / "policy" / "config.json").exists():
+        p = p / "policy"
+    return resolve_path(str(p) if p.exists() else str(checkpoint))
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from framework.config import ConfigError, ModelConfig, RolloutConfig, check_section
+    from framework.data import load_data, to_record
+    from framework.data.validation import validate_records
+    from framework.evaluation import Evaluator
+    from framework.models.loading import load_model, load_model_bundle
+    from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
+    from framework.rollout.inputs import encode_prompts
+    from rewards.base import RewardSet
+
+    import_plugins(cfg.get("plugins") or [])
+    rollout = check_section(OmegaConf.to_container(cfg.rollout, resolve=True), RolloutConfig, "rollout")
+    mcfg = check_section(OmegaConf.to_container(cfg.model, resolve=True), ModelConfig, "model")
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    task = data_cfg.get("task")
+    if task not in TASKS:
+        TASKS.get(str(task))  # raises with the registered names
+    engine_cls = ROLLOUT_ENGINES.get(rollout.engine)
+    for key in ("batch_size", "pass_k"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    if cfg.num_samples is not None and int(cfg.num_samples) < int(cfg.pass_k):
+        raise ConfigError(f"num_samples={cfg.num_samples} must be >= pass_k={cfg.pass_k}")
+    path = resolve_checkpoint(cfg.get("checkpoint"))
+    rewards = RewardSet.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
+    try:
+        torch.manual_seed(int(cfg.seed))
+        t0 = time.perf_counter()
+        bundle = load_model_bundle(path)
+        device = _device(str(cfg.device))
+        model = load_model(path, mcfg.dtype, trainable=False, attn_implementation=mcfg.attn_implementation).to(device)
+
+        ds = load_data(data_cfg)
+        split = str(cfg.split)
+        if split not in ds:
+            raise ConfigError(f"split={split!r} is not in data '{task}' (splits: {list(ds)}); set split=<one of them>")
+        sysp, qt = data_cfg.get("system_prompt"), data_cfg.get("question_template", "{question}")
+        limit = cfg.get("limit")
+        part = ds[split] if limit is None else ds[split].select(range(min(int(limit), len(ds[split]))))
+        checked, report = validate_records(
+            part, count_prompt_tokens=lambda rec: int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1]),
+            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)), on_invalid=data_cfg.get("on_invalid", "skip"),
+            split=split)
+        if report.problems:
+            print(report.summary(), file=sys.stderr)
+        records = [to_record(checked[i]) for i in range(len(checked))]
+
+        engine = engine_cls(rollout, bundle, model)
+        try:
+            ev = Evaluator.from_config(engine, bundle, rewards, data_cfg, rollout, pass_k=int(cfg.pass_k),
+                                       num_samples=cfg.num_samples, batch_size=int(cfg.batch_size))
+            t1 = time.perf_counter()
+            metrics = ev.run(records, keep_details=bool(cfg.save_predictions),
+                             progress=lambda done, total: print(f"evaluated {done}/{total}", file=sys.stderr))
+            t2 = time.perf_counter()
+        finally:
+            engine.close()
+    finally:
+        rewards.close()
+
+    result = {
+        "checkpoint": str(cfg.checkpoint), "model_path": path,
+        "data": data_cfg.get("task_name") or data_cfg.get("hub_id") or task, "task": task, "split": split,
+        "num_records": len(records), "num_invalid": report.invalid,
+        "pass_k": int(cfg.pass_k), "num_samples": int(cfg.num_samples or cfg.pass_k),
+        "metrics": metrics,
+        "timing_s": {"load": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)},
+        "device": str(device),
+    }
+    out = Path(cfg.output) if cfg.get("output") else Path(_run_dir()) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.save_predictions:
+        with open(out.with_name("predictions.jsonl"), "w", encoding="utf-8") as f:
+            for d in ev.details:
+                f.write(json.dumps(d, default=str) + "\n")
+    result["output"] = str(out)
+    return result
+
+
+def _run_dir() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # noqa: BLE001 - called without Hydra (tests)
+        return os.getcwd()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        result = evaluate(cfg)
+    except Exception as e:  # noqa: BLE001
+        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) \
+                and not os.environ.get("APO_RL_DEBUG"):
+            print(f"error: {e}", file=sys.stderr)
+            print("(set APO_RL_DEBUG=1 for the full traceback)", file=sys.stderr)
+            sys.exit(2)
+        raise
+    print(json.dumps(result, indent=2))
+    return result["metrics"].get("eval/accuracy")
+
+
+if __name__ == "__main__":
+    main()

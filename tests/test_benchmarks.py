@@ -1,0 +1,319 @@
+"""Benchmark suites: the evaluator's metrics, the benchmark loaders on fixtures in each real
+schema, a shortened `smoke` suite (report, plots, a failing run, re-running skips finished
+runs, W&B group) and `python -m benchmarks.evaluate` on a checkpoint the suite saved."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
+FIX = ROOT / "tests" / "fixtures" / "benchmarks"
+
+
+# ----------------------------------------------------------------------------- pass@k
+def test_pass_at_k_matches_combinatorics_and_enumeration():
+    from framework.evaluation import pass_at_k
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                direct = 1 - math.comb(n - c, k) / math.comb(n, k)
+                # enumerate every k-subset of n samples (c of them correct): P(at least one correct)
+                subsets = list(itertools.combinations(range(n), k))
+                enum = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+                assert pass_at_k(n, c, k) == pytest.approx(direct, abs=1e-12)
+                assert pass_at_k(n, c, k) == pytest.approx(enum, abs=1e-12)
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+# ----------------------------------------------------------------------------- evaluator
+class ScriptedEngine:
+    """Returns fixed completions per record id: ``greedy`` at temperature 0, else ``sampled``."""
+
+    def __init__(self, bundle, script):
+        self.bundle, self.script, self.calls = bundle, script, []
+
+    def generate(self, prompts, n, sampling):
+        from framework.rollout.base import Generation
+        from framework.rollout.inputs import completion_mask
+
+        greedy = sampling.temperature == 0
+        self.calls.append((len(prompts.records), n, greedy))
+        texts = []
+        for r in prompts.records:
+            out = [self.script[r["id"]]["greedy"]] if greedy else self.script[r["id"]]["sampled"]
+            assert len(out) == n
+            texts += out
+        tok = self.bundle.tokenizer
+        eos = self.bundle.eos_token_ids[0]
+        seqs = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [self.bundle.pad_token_id] * (T - len(s)) for s in seqs])
+        mask, truncated = completion_mask(ids, self.bundle.eos_token_ids)
+        return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated)
+
+
+def _fmt(ans):
+    return f"<think>I count.</think><answer>{ans}</answer>"
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_evaluator_metrics_on_scripted_completions(vl_bundle, batch_size):
+    from framework.evaluation import Evaluator, EvalSettings, pass_at_k
+    from framework.rollout.base import SamplingParams
+    from rewards.base import RewardSet
+
+    records = [{"id": "a", "question": "How many?", "answer": "3", "images": [], "choices": []},
+               {"id": "b", "question": "How many?", "answer": "5", "images": [], "choices": []}]
+    script = {
+        "a": {"greedy": _fmt(3), "sampled": [_fmt(3), _fmt(4), _fmt(3), "3"]},             # 2 of 4 correct
+        "b": {"greedy": _fmt("seven, maybe six"), "sampled": [_fmt(4), _fmt(6), "no", _fmt(1)]},  # 0 of 4
+    }
+    engine = ScriptedEngine(vl_bundle, script)
+    rewards = RewardSet({"accuracy": {"weight": 1.0, "workers": 0}, "format": {"weight": 1.0}})
+    settings = EvalSettings(greedy=SamplingParams(temperature=0.0), sampled=SamplingParams(temperature=1.0),
+                            pass_k=2, num_samples=4, batch_size=batch_size)
+    out = Evaluator(engine, vl_bundle, rewards, {"system_prompt": None}, settings).run(records)
+    rewards.close()
+    length = lambda t: len(vl_bundle.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1  # noqa: E731 (+ EOS)
+    assert out["eval/accuracy"] == pytest.approx(0.5)
+    assert out["eval/format"] == pytest.approx(1.0)
+    assert out["eval/accuracy_sampled"] == pytest.approx(2 / 8)
+    assert out["eval/pass@k"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 0, 2)) / 2)
+    assert out["eval/pass@k"] == pytest.approx((1 - 1 / 6) / 2)
+    la, lb = length(script["a"]["greedy"]), length(script["b"]["greedy"])
+    assert out["eval/mean_length"] == pytest.approx((la + lb) / 2)
+    assert out["eval/mean_length_correct"] == pytest.approx(la)
+    assert out["eval/mean_length_incorrect"] == pytest.approx(lb)
+    assert (2 // batch_size) * 2 == len(engine.calls)  # one sampled + one greedy call per batch
+
+
+def test_eval_config_keys_are_validated():
+    from framework.config import ConfigError, TrainerConfig, check_section
+
+    t = check_section({"eval_pass_k": 4, "eval_samples": 8}, TrainerConfig, "trainer")
+    assert (t.eval_pass_k, t.eval_samples) == (4, 8)
+    with pytest.raises(ConfigError, match="eval_samples=2 must be >= trainer.eval_pass_k=4"):
+        check_section({"eval_pass_k": 4, "eval_samples": 2}, TrainerConfig, "trainer")
+    with pytest.raises(ConfigError, match="eval_pass_k"):
+        check_section({"eval_pass_k": 0}, TrainerConfig, "trainer")
+
+
+# ----------------------------------------------------------------------------- loaders
+def _load(name, *overrides):
+    from framework.data import load_data
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("config", overrides=[f"data={name}", *overrides])
+    return load_data(cfg.data)
+
+
+RED, GREEN, BLUE, YELLOW, GRAY = (220, 30, 30), (30, 160, 50), (30, 70, 220), (230, 200, 40), (128, 128, 128)
+
+# benchmark -> (overrides pointing at the fixture, split, expected [(id or None, answer, choices, image colours,
+#               question placeholder count, a substring of the question)])
+LOADER_CASES = {
+    "mathvista": ([f"data.hub_id={FIX}/mathvista"], "test", [
+        ("1", "B", ["6", "8", "10"], [RED], 0, "Choices:\n(A) 6"),
+        ("2", "1000", [], [GREEN], 0, "(Unit: g)"),
+        ("3", "1.2", [], [BLUE], 0, "one decimal place")]),
+    "mathverse": ([f"data.hub_id={FIX}/mathverse"], "test", [
+        ("1", "C", ["40°", "50°", "130°", "140°"], [RED], 0, "Find angle 2."),
+        ("5", "C", [], [GREEN], 0, "question shown in the image"),
+        ("6", "4\\pi", [], [BLUE], 0, "radius 2")]),
+    "mmk12": ([f"data.hub_id={FIX}/mmk12"], "test", [
+        ("1b879781-05b3-4254-b1cf-34d64ffb3275", "3/4", [], [BLUE], 0, "ratio of the areas"),
+        ("7c1f0e2a-0000-4000-8000-000000000001", "2.5", [], [YELLOW], 0, "incline")]),
+    "mmstar": ([f"data.hub_id={FIX}/mmstar"], "test", [
+        ("0", "A", ["The suitcase is on the book.", "The suitcase is beneath the cat.",
+                    "The suitcase is beneath the bed.", "The suitcase is beneath the book."], [RED], 0, "Options:"),
+        ("1", "B", ["red", "green", "blue", "yellow"], [GREEN], 0, "main color")]),
+    "mmmu": ([f"data.hub_id={FIX}/mmmu", "data.config_name=[Accounting,Math]"], "test", [
+        ("validation_Accounting_1", "C", ["$1,000", "$2,000", "[image 3]", "$4,000"], [RED, GREEN, BLUE], 3,
+         "(C) <image>"),
+        ("validation_Math_1", "12", [], [YELLOW], 1, "<image>\nCompute the area")]),
+    "geometry3k": ([f"data.hub_id={FIX}/geometry3k"], "test", [
+        ("2401", "62", [], [GREEN], 1, "<image>Find the measure"),
+        ("2402", "240.0", [], [BLUE], 1, "parallelogram")]),
+    "geoqa_r1v": ([f"data.hub_id={FIX}/geoqa_r1v", "data.splits={train:'train[:2]',test:'train[2:]'}"], "train", [
+        (None, "40", [], [RED], 0, "angle A = 80°"),
+        (None, "10", [], [GREEN], 0, "radius of circle O")]),
+    "geoqa": ([f"data.path={FIX}/geoqa"], "test", [
+        (None, "35", [], [YELLOW], 0, "diameter of circle O"),
+        (None, "10", [], [BLUE], 0, "rectangle ABCD")]),
+    "superclevr": ([f"data.path={FIX}/superclevr"], "test", [
+        (None, "3", [], [RED], 0, "How many different items"),
+        (None, "5", [], [GRAY], 0, "How many different items")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADER_CASES))
+def test_benchmark_loader_on_fixture(name):
+    from framework.data import FEATURES, to_record
+    from framework.data.validation import validate_records
+
+    overrides, split, expected = LOADER_CASES[name]
+    ds = _load(name, *overrides)
+    assert split in ds
+    part = ds[split]
+    assert part.features == FEATURES
+    _, report = validate_records(part, split=split, on_invalid="error")
+    assert report.invalid == 0
+    recs = [to_record(part[i]) for i in range(len(part))]
+    assert len(recs) == len(expected)
+    for rec, (rid, answer, choices, colors, n_ph, text) in zip(recs, expected):
+        if rid is not None:
+            assert rec["id"] == rid
+        assert rec["answer"] == answer, rec
+        assert rec["choices"] == choices, rec
+        assert [im.getpixel((0, 0)) for im in rec["images"]] == colors, rec["id"]
+        assert rec["question"].count("<image>") == n_ph, rec["question"]
+        assert text in rec["question"], rec["question"]
+        assert rec["task"] == ("geoqa" if name == "geoqa_r1v" else name)
+    if name == "mathvista":   # the choice text the answer was given as is kept
+        assert recs[0]["metadata"]["answer_text"] == "8" and recs[0]["metadata"]["question_type"] == "multi_choice"
+
+
+# ----------------------------------------------------------------------------- the smoke suite
+ALGOS = ["grpo", "apo"]
+SEEDS = [0, 1]
+BROKEN = "grpo_d"  # given a bad override: both of its runs fail at start-up
+
+
+def _suite_cmd(sweep_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.run", "suite=smoke", f"sweep_dir={sweep_dir}",
+            "suite.steps=2", f"suite.seeds=[{','.join(map(str, SEEDS))}]",
+            f"suite.algorithms=[{','.join(ALGOS + [BROKEN])}]",
+            f'suite.algorithm_overrides.{BROKEN}=["algorithm=grpo_d_counting","algorithm.clip_low=-1"]',
+            'suite.tasks={count:["data=synthetic","data.kinds=[count]","data.train_size=48","data.test_size=8"]}',
+            "suite.eval.size=4", "suite.eval.every=0", "suite.eval.samples=4", "suite.eval.pass_k=2", "suite.jobs=2",
+            'suite.overrides=["trainer.prompts_per_step=4","rollout.group_size=4",'
+            '"+reward.components.accuracy.workers=0","trainer.save_every=0"]',
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep") / "smoke-ci"
+    p = subprocess.run(_suite_cmd(d), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return d, p
+
+
+def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
+    d, p = sweep
+    assert p.returncode == 1, p.stdout + p.stderr   # 1: a run failed (the broken one), the rest finished
+    for algo in ALGOS:
+        for seed in SEEDS:
+            run = d / "count" / algo / f"seed{seed}"
+            done = json.loads((run / "DONE.json").read_text())
+            final = done["summary"]["final"]
+            for k in ("eval/accuracy", "eval/accuracy_sampled", "eval/pass@k", "eval/format", "eval/mean_length"):
+                assert k in final, (k, final)
+            assert done["summary"]["eval_steps"][0] == 0 and done["summary"]["eval_steps"][-1] == 2
+            assert (run / "checkpoints" / "step-000002" / "policy" / "config.json").exists()
+            # logged to W&B offline, in the sweep's group, with the algorithm and seed in the config
+            wb = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+            assert wb, run
+            blob = wb[0].read_bytes()
+            assert b'"group":"smoke-ci"' in blob and f"count-{algo}-seed{seed}".encode() in blob
+            assert f'{{"name":"{algo}"'.encode() in blob        # the algorithm section of the run config
+            assert f'"{algo}","seed{seed}"'.encode() in blob     # tags: suite, task, algorithm, seed
+    for seed in SEEDS:
+        failed = json.loads((d / "count" / BROKEN / f"seed{seed}" / "FAILED.json").read_text())
+        assert "clip_low" in failed["error"] and failed["returncode"] == 2
+    assert "FAILED (" in p.stdout
+
+    report = (d / "report.md").read_text()
+    rows = [ln for ln in report.splitlines() if ln.startswith("| ") and not ln.startswith("| algorithm")]
+    assert [r.split("|")[1].strip() for r in rows] == ALGOS + [BROKEN]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        if cells[0] == BROKEN:
+            assert cells[1] == "0/2"
+        else:
+            assert cells[1] == "2/2" and "±" in cells[3]   # final accuracy: mean ± std over 2 seeds
+    assert f"`{BROKEN}` seed 0 (failed):" in report and "clip_low" in report
+
+    from PIL import Image
+
+    plots = sorted((d / "plots").glob("*.png"))
+    assert [p.name for p in plots] == sorted(f"count_{s}.png" for s in ("accuracy", "reward", "kl_beta", "entropy", "length"))
+    for png in plots:
+        assert png.stat().st_size > 1024
+        assert f"plots/{png.name}" in report
+        im = Image.open(png).convert("RGB")
+        assert len(set(im.getdata())) > 10, png   # not one flat colour
+    # the report itself logged to W&B as a run of the group
+    assert list((d / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_rerunning_the_sweep_skips_finished_runs(sweep):
+    d, _ = sweep
+    markers = {p: p.stat().st_mtime_ns for p in d.glob("count/*/seed*/DONE.json")}
+    assert len(markers) == len(ALGOS) * len(SEEDS)
+    p = subprocess.run(_suite_cmd(d, "rerun_failed=false"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    assert sum("skipped (finished before)" in ln for ln in lines) == len(ALGOS) * len(SEEDS), p.stdout + p.stderr
+    assert f"0 done, {len(ALGOS) * len(SEEDS)} skipped" in p.stdout
+    assert {q: q.stat().st_mtime_ns for q in markers} == markers   # not run again
+    assert (d / "report.md").exists()
+    # the report regenerates on its own
+    r = subprocess.run([sys.executable, "-m", "benchmarks.report", str(d), "--no-wandb"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "| grpo | 2/2 |" in r.stdout, r.stderr
+
+
+def test_evaluate_cli_on_a_saved_checkpoint(sweep):
+    d, _ = sweep
+    ckpt = d / "count" / "grpo" / "seed0" / "checkpoints" / "step-000002"   # a step folder: its policy/ is used
+    out = d / "eval" / "superclevr.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.evaluate", f"checkpoint={ckpt}", "data=superclevr",
+                        f"data.path={FIX / 'superclevr'}", "pass_k=2", "num_samples=2", f"output={out}",
+                        "+reward.components.accuracy.workers=0", f"hydra.run.dir={d / 'eval'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout[p.stdout.index("{"):])
+    assert printed["num_records"] == 2 and printed["model_path"].endswith("policy")
+    for k in ("eval/accuracy", "eval/accuracy_sampled", "eval/pass@k", "eval/format", "eval/mean_length"):
+        assert 0.0 <= printed["metrics"][k] <= (1.0 if "length" not in k else 1e6)
+    assert json.loads(out.read_text())["metrics"] == printed["metrics"]
+
+
+def test_evaluate_resolves_checkpoint_paths(tmp_path):
+    from benchmarks.evaluate import resolve_checkpoint
+    from framework.config import ConfigError
+    from framework.models.loading import ModelNotFoundError
+
+    step = tmp_path / "checkpoints" / "step-000010"
+    (step / "policy").mkdir(parents=True)
+    (step / "policy" / "config.json").write_text("{}")
+    (step / "state.ckpt").write_text("")
+    for given in (step, step / "policy", step / "state.ckpt"):
+        assert resolve_checkpoint(str(given)) == str(step / "policy")
+    with pytest.raises(ModelNotFoundError, match="/nonexistent/ckpt"):
+        resolve_checkpoint("/nonexistent/ckpt")
+    with pytest.raises(ConfigError, match="checkpoint is not set"):
+        resolve_checkpoint("???")
+
+
+def test_launcher_configs_extend_the_plugin_configs():
+    """hydra/launcher=local_parallel|slurm extend the joblib / submitit_slurm plugins' configs
+    (the plugins are an optional extra; composing them needs the plugins installed)."""
+    import yaml
+
+    for name, base in (("local_parallel", "joblib"), ("slurm", "submitit_slurm")):
+        cfg = yaml.safe_load((ROOT / "configs" / "hydra" / "launcher" / f"{name}.yaml").read_text())
+        assert cfg["defaults"] == [base]
+    sweeps = (ROOT / "pyproject.toml").read_text()
+    assert "hydra-joblib-launcher" in sweeps and "hydra-submitit-launcher" in sweeps
