@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torchmetrics
 
 from framework.logprobs import completion_logprobs
 from framework.rollout.base import SamplingParams
@@ -69,10 +68,6 @@ class RLModule(L.LightningModule):
         self.updates_per_step = algorithm.ppo_epochs * sections["trainer"].num_mini_batches
         self.total_updates = sections["trainer"].max_steps * self.updates_per_step
         self.history: list[dict[str, float]] = []   # every logged metric row, for tests and reports
-        self.eval_acc = torchmetrics.MeanMetric()
-        self.eval_fmt = torchmetrics.MeanMetric()
-        self.eval_len = torchmetrics.MeanMetric()
-        self.eval_acc_sampled = torchmetrics.MeanMetric()
         self._last_eval_step = -1
 
     # ------------------------------------------------------------------ setup
@@ -239,7 +234,7 @@ class RLModule(L.LightningModule):
                                       max_len=float(self.s["rollout"].max_new_tokens))
                 norm = self._global_normalizer(norm)
                 acc: dict[str, float] = defaultdict(float)
-                ent_sum, ent_cnt = 0.0, 0.0
+                ent_sum = 0.0
                 for local in self._micro_batches(len(idx_all)):
                     rows = [idx_all[i] for i in local]
                     mb = rollout.select(torch.tensor(rows))
@@ -267,7 +262,7 @@ class RLModule(L.LightningModule):
                     for k, v in lm.items():
                         acc[k] += float(v)
                     m = mb.completion_mask
-                    ent_sum += float((ent * m).sum()); ent_cnt += float(m.sum())
+                    ent_sum += float((ent * m).sum())
                 else:
                     gn = self._clip_and_step(opt, sched)
                     step_stats["grad_norm"].append(gn)
