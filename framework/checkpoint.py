@@ -1,7 +1,12 @@
 """Checkpoints: ``checkpoints/step-NNNNNN/`` holds ``policy/`` (Hugging Face format, loadable
 with ``from_pretrained``, with its tokenizer/processor) and ``state.ckpt`` (Lightning's
 checkpoint: optimizer, LR scheduler, loop progress, RL step, RNG state). ``resume=<folder>``
-continues the same run from it."""
+continues the same run from it.
+
+Under ``trainer.strategy=fsdp`` with ``trainer.fsdp.sharded_checkpoint=true``, ``state.ckpt``
+is a folder of ``torch.distributed.checkpoint`` shards (one per rank, plus ``meta.pt``); it
+resumes under FSDP on any number of devices (the shards are re-split on load), and
+``policy/`` is the gathered Hugging Face export."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +22,14 @@ class RLCheckpoint(L.Callback):
         self.last: Path | None = None
 
     def save(self, trainer, module) -> Path:
+        from framework.distributed import full_state_dict_for_export, is_sharded
+
         d = self.root / f"step-{module.rl_step:06d}"
-        trainer.save_checkpoint(str(d / "state.ckpt"))
+        trainer.save_checkpoint(str(d / "state.ckpt"))   # FSDP: a folder with one shard per rank
+        # FSDP: the policy's shards gathered on every rank (a collective), written by rank 0
+        full = full_state_dict_for_export(module.policy) if is_sharded(module.policy) else None
         if trainer.is_global_zero:
-            module.policy.save_pretrained(str(d / "policy"))
+            module.policy.save_pretrained(str(d / "policy"), state_dict=full)
             self.bundle.tokenizer.save_pretrained(str(d / "policy"))
             ip = getattr(self.bundle.processor, "image_processor", None)
             if ip is not None:
@@ -37,12 +46,16 @@ class RLCheckpoint(L.Callback):
             self.save(trainer, module)
 
 
-def resolve_resume(resume) -> str | None:
+def resolve_resume(resume, strategy: str = "auto") -> str | None:
     if not resume:
         return None
     p = Path(str(resume)).expanduser()
-    if p.is_dir():
+    if p.is_dir() and (p / "state.ckpt").exists():
         p = p / "state.ckpt"
-    if not p.exists():
+    if not p.exists() or (p.is_dir() and not (p / "meta.pt").exists()):
         raise ConfigError(f"resume={resume}: no checkpoint there (expected a checkpoints/step-NNNNNN folder or its state.ckpt)")
+    if p.is_dir() and strategy != "fsdp":
+        raise ConfigError(f"resume={resume} is a sharded FSDP checkpoint: resume it with trainer=fsdp (any number of "
+                          f"devices, trainer.devices=N), or start a new run from its Hugging Face export with "
+                          f"model.name_or_path={p.parent / 'policy'}")
     return str(p)

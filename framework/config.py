@@ -100,6 +100,21 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``trainer.fsdp``: how ``trainer.strategy=fsdp`` shards (see framework/distributed.py)."""
+    mixed_precision: Optional[str] = "bf16"   # bf16 | fp16 | null: compute dtype; master weights stay in model.dtype
+    activation_checkpointing: bool = True     # recompute each block in the backward
+    cpu_offload: bool = False                 # parameters, gradients and optimizer state live on the CPU
+    reshard_after_forward: bool = True        # FULL_SHARD (false: SHARD_GRAD_OP, faster, more memory)
+    sharded_checkpoint: bool = True           # one shard per rank (resumes on any device count); false: full on rank 0
+    wrap: Optional[list[str]] = None          # block classes to shard (null: the model's _no_split_modules)
+
+    def validate(self, p: str) -> None:
+        if self.mixed_precision is not None:
+            _choice(f"{p}.mixed_precision", self.mixed_precision, {"bf16", "fp16"})
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 60                    # RL steps (rollout batches)
     prompts_per_step: int = 8              # prompts per rollout batch (global, over all ranks)
@@ -122,8 +137,13 @@ class TrainerConfig:
     logprob_chunk_size: int = 1024
     num_workers: int = 0
     progress_bar: bool = True
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def validate(self, p: str) -> None:
+        self.fsdp.validate(f"{p}.fsdp")
+        if self.strategy == "fsdp" and not (isinstance(self.devices, int) and self.devices > 0):
+            raise ConfigError(f"{p}.devices={self.devices!r}: trainer.strategy=fsdp needs the number of devices per "
+                              "node as a positive integer (e.g. trainer.devices=8)")
         for k in ("max_steps", "prompts_per_step", "micro_batch_size", "num_mini_batches", "eval_size",
                   "eval_batch_size", "eval_pass_k", "log_every", "logprob_chunk_size", "num_nodes"):
             _positive(f"{p}.{k}", getattr(self, k))
@@ -162,9 +182,16 @@ def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         obj = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        key = getattr(e, "key", None) or str(e).split("'")[1]
-        allowed = ", ".join(f.name for f in fields(schema))
-        raise ConfigError(f"unknown key '{prefix}.{key}'; allowed keys in {prefix}: {allowed}") from None
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or str(e).split("'")[1]
+        parent, where = schema, prefix
+        for part in str(key).split(".")[:-1]:   # a nested section (trainer.fsdp): list its keys
+            ft = {f.name: f.type for f in fields(parent)}.get(part)
+            ft = globals().get(ft, ft) if isinstance(ft, str) else ft
+            if not is_dataclass(ft):
+                break
+            parent, where = ft, f"{where}.{part}"
+        allowed = ", ".join(f.name for f in fields(parent))
+        raise ConfigError(f"unknown key '{prefix}.{key}'; allowed keys in {where}: {allowed}") from None
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", "?")
         msg = str(e).splitlines()[0]

@@ -28,7 +28,19 @@ def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def completion_logprobs(model, inputs: dict, completion_len: int, *, temperature: float = 1.0,
                         chunk_size: int = 1024, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``inputs``: kwargs from :func:`framework.rollout.inputs.training_inputs` (prompt of length
-    P + completion of length T = ``completion_len``). Returns logp [N, T] (fp32) and entropy [N, T]."""
+    P + completion of length T = ``completion_len``). Returns logp [N, T] (fp32) and entropy [N, T].
+
+    An FSDP-sharded model (framework/distributed.py) runs the same computation through its
+    registered forward method, which gathers the root unit's parameters (LM head) around it."""
+    fn = getattr(model, "apo_completion_logprobs", None)
+    if fn is not None:
+        return fn(inputs, completion_len, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    return completion_logprobs_unsharded(model, inputs, completion_len, temperature=temperature,
+                                         chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def completion_logprobs_unsharded(model, inputs: dict, completion_len: int, *, temperature: float = 1.0,
+                                  chunk_size: int = 1024, with_entropy: bool = True):
     core = getattr(model, "model")
     head = model.get_output_embeddings()
     kw = {k: v for k, v in inputs.items()}
@@ -49,6 +61,6 @@ def completion_logprobs(model, inputs: dict, completion_len: int, *, temperature
             lp, ent = _chunk_logp_entropy(*args)
         outs_lp.append(lp)
         outs_ent.append(ent.detach() if with_entropy else ent[:0])
-    logp = torch.cat(outs_lp).view(N, T)
+    logp = torch.cat(outs_lp).view(N, T).clone()   # not a view: FSDP hooks the output for its backward
     ent = torch.cat(outs_ent).view(N, T) if with_entropy else None
     return logp, ent

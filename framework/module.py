@@ -79,8 +79,29 @@ class RLModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.scheduler, self.total_updates, warm, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_fit_start(self):
+    def configure_model(self):
+        """Under ``trainer.strategy=fsdp``: shard the policy and the frozen reference the same
+        way (framework/distributed.py). Called by Lightning before the optimizer is built."""
+        from framework.distributed import is_sharded, shard_model, uses_fsdp
+
+        if not uses_fsdp(self._trainer) or is_sharded(self.policy):
+            return
+        cfg = self.trainer.strategy.fsdp_cfg
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.policy, cfg, mesh, trainable=True)
         if self.reference is not None:
+            shard_model(self.reference, cfg, mesh, trainable=False)
+
+    @property
+    def sharded(self) -> bool:
+        from framework.distributed import uses_fsdp
+
+        return uses_fsdp(self._trainer) and self.trainer.world_size > 1
+
+    def on_fit_start(self):
+        from framework.distributed import is_sharded
+
+        if self.reference is not None and not is_sharded(self.reference):
             self.reference.to(self.device)
         self.engine = self.engine_factory(self.policy)
 
@@ -113,13 +134,26 @@ class RLModule(L.LightningModule):
         mb = self.s["trainer"].micro_batch_size
         return [list(range(i, min(n, i + mb))) for i in range(0, n, mb)]
 
+    def _collective_micro_batches(self, n: int) -> list[tuple[list[int], bool]]:
+        """``(rows, real)`` micro-batches. Under FSDP each forward is a collective, so a rank with
+        fewer micro-batches than another (uneven ``filter_groups`` refills) adds padding passes
+        (``real=False``: its first micro-batch again, with zero weight)."""
+        from framework.distributed import all_reduce
+
+        batches = [(b, True) for b in self._micro_batches(n)]
+        if self.sharded:
+            most = int(all_reduce([float(len(batches))], "max")[0])
+            batches += [(batches[0][0], False)] * (most - len(batches))
+        return batches
+
     @torch.no_grad()
     def _logprobs_no_grad(self, model, rollout: Rollout, ips) -> torch.Tensor:
         out = torch.zeros_like(rollout.completion_mask)
-        for idx in self._micro_batches(len(rollout.group_ids)):
+        for idx, real in self._collective_micro_batches(len(rollout.group_ids)):
             pin = select_inputs(rollout.extras["prompt_inputs"], idx, ips)
             lp, _ = self._forward_logprobs(model, pin, rollout.completion_ids[idx], rollout.completion_mask[idx])
-            out[idx] = lp.float().cpu() * rollout.completion_mask[idx]
+            if real:
+                out[idx] = lp.float().cpu() * rollout.completion_mask[idx]
         return out
 
     # ------------------------------------------------------------------ rollout
@@ -168,7 +202,15 @@ class RLModule(L.LightningModule):
         metrics["filter_groups/kept_frac_first_round"] = float(keep.float().mean())
         parts = [(rollout, texts, recs, keep)]
         rounds = 0
-        while sum(int(p[3].sum()) for p in parts) < want and rounds < fg.max_extra_rounds and self.extra_prompts is not None:
+        def need_more() -> bool:
+            short = float(sum(int(p[3].sum()) for p in parts) < want)
+            if self.sharded:   # generation is a collective under FSDP: all ranks make the same rounds
+                from framework.distributed import all_reduce
+
+                short = all_reduce([short], "max")[0]
+            return bool(short)
+
+        while rounds < fg.max_extra_rounds and self.extra_prompts is not None and need_more():
             rounds += 1
             r2, t2, rc2 = self.collect(next(self.extra_prompts), metrics)
             parts.append((r2, t2, rc2, self.algo.keep_groups(r2)))
@@ -235,17 +277,22 @@ class RLModule(L.LightningModule):
                 norm = self._global_normalizer(norm)
                 acc: dict[str, float] = defaultdict(float)
                 ent_sum = 0.0
-                for local in self._micro_batches(len(idx_all)):
+                for local, real in self._collective_micro_batches(len(idx_all)):
                     rows = [idx_all[i] for i in local]
                     mb = rollout.select(torch.tensor(rows))
                     pin = select_inputs(rollout.extras["prompt_inputs"], rows, ips)
                     logp, ent = self._forward_logprobs(self.policy, pin, mb.completion_ids, mb.completion_mask, with_entropy=True)
                     mb = _to(mb, self.device)
                     loss, lm = self.algo.loss(logp, mb, norm)
-                    if not torch.isfinite(loss):
-                        bad = [k for k, v in lm.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
+                    bad = real and not bool(torch.isfinite(loss))
+                    if self._trainer is not None and self.trainer.world_size > 1:   # all ranks skip together
+                        from framework.distributed import all_reduce
+
+                        bad = bool(all_reduce([float(bad)], "max")[0])
+                    if bad:
+                        names = [k for k, v in lm.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
                         msg = (f"non-finite loss at RL step {self.rl_step} (optimizer step {self.global_step}): "
-                               f"non-finite metric(s): {', '.join(bad)}")
+                               f"non-finite metric(s): {', '.join(names)}")
                         if t.on_nonfinite == "error":
                             raise NonFiniteError(msg + ". Set trainer.on_nonfinite=skip to skip such steps.")
                         self.print("WARNING: " + msg + "; skipping this update")
@@ -256,8 +303,13 @@ class RLModule(L.LightningModule):
                         sched.step()
                         metrics["nonfinite_skipped"] = 1.0
                         break
-                    with self._no_grad_sync():   # gradients are all-reduced once, before the step
-                        self.manual_backward(loss)
+                    if not real:   # a padding pass (FSDP): joins the collectives, adds nothing
+                        self.manual_backward(loss * 0.0)
+                        continue
+                    with self._no_grad_sync():   # DDP: gradients are all-reduced once, before the step
+                        # FSDP averages gradients over ranks: scaled by the world size, the
+                        # average is the sum of the rank losses' gradients (the global loss)
+                        self.manual_backward(loss * self._grad_scale if self._grad_scale != 1 else loss)
                     acc["loss"] += float(loss.detach())
                     for k, v in lm.items():
                         acc[k] += float(v)
@@ -321,33 +373,29 @@ class RLModule(L.LightningModule):
             off += n
 
     def _clip_and_step(self, opt, sched) -> float:
-        clip = self.s["optim"].grad_clip
+        from framework.distributed import clip_grad_norm
+
         if self._is_ddp():
             self._allreduce_grads()
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        if clip:
-            gn = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.tensor(0.0)
+        gn = clip_grad_norm(params, self.s["optim"].grad_clip)   # the global norm, also over FSDP shards
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        return float(gn)
+        return gn
+
+    @property
+    def _grad_scale(self) -> float:
+        """Factor on each backward: FSDP averages gradients over ranks, DDP here sums them."""
+        return float(self.trainer.world_size) if self.sharded else 1.0
 
     def _global_normalizer(self, norm: LossNormalizer) -> LossNormalizer:
         """Denominators summed over all ranks, so that the rank losses add up to the loss of the
-        global batch (token_mean divides by the token count of all ranks and micro-batches).
-        DDP: gradients are summed by :meth:`_allreduce_grads`. Strategies that average gradients
-        over ranks (FSDP) get the denominators divided by the world size instead."""
-        ws = self.trainer.world_size if self._trainer is not None else 1
-        if ws <= 1:
-            return norm
-        import torch.distributed as dist
+        global batch (token_mean divides by the token count of all ranks and micro-batches)."""
+        from framework.distributed import all_reduce
 
-        vals = torch.tensor([norm.num_sequences, norm.num_tokens], dtype=torch.float64)
-        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
-        div = 1.0 if self._is_ddp() else float(ws)
-        return LossNormalizer(num_sequences=float(vals[0]) / div, num_tokens=float(vals[1]) / div, max_len=norm.max_len)
+        n_seq, n_tok = all_reduce([norm.num_sequences, norm.num_tokens], "sum")
+        return LossNormalizer(num_sequences=n_seq, num_tokens=n_tok, max_len=norm.max_len)
 
     # metrics that add up over ranks (each rank holds its share of a global sum); the rest are means
     ADDITIVE = ("loss", "policy_loss", "kl_loss", "kl", "clip_ratio", "clip_ratio/low", "clip_ratio/high", "entropy")

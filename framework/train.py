@@ -103,10 +103,38 @@ def _loggers(cfg, sections, out: Path):
     return loggers
 
 
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM, Lightning's own)."""
+    for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
+
+
+def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
+    """Print the per-device memory budget (framework/memory.py) before any weight loads."""
+    from framework.memory import budget_for_run
+
+    t = s["trainer"]
+    if _launch_rank() != 0:
+        return
+    devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    try:
+        b = budget_for_run(path, s, algorithm, world_size=devices * t.num_nodes,
+                           prompt_tokens=int(cfg.data.get("max_prompt_tokens", 1024)))
+    except Exception as e:   # an estimate must never stop a run
+        print(f"apo-rl: no memory budget ({type(e).__name__}: {e})")
+        return
+    print(b.format())
+    if b.warning():
+        print(b.warning())
+
+
 def train(cfg: DictConfig) -> RunResult:
     import lightning as L
 
     from framework.checkpoint import RLCheckpoint, resolve_resume
+    from framework.distributed import make_strategy
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
     from framework.models.loading import load_model, load_model_bundle, resolve_path
@@ -118,12 +146,13 @@ def train(cfg: DictConfig) -> RunResult:
     algorithm, rewards = early["algorithm"], early["rewards"]
     out = Path(cfg.get("output_dir") or "outputs/run").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_resume(cfg.get("resume"))
+    ckpt_path = resolve_resume(cfg.get("resume"), s["trainer"].strategy)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(False)
 
     # ---- model + processor
     path = resolve_path(s["model"].name_or_path)
+    _print_memory_budget(path, s, algorithm, cfg)
     bundle = load_model_bundle(path)
     m = s["model"]
     policy = load_model(path, m.dtype, trainable=True, gradient_checkpointing=m.gradient_checkpointing,
@@ -178,7 +207,7 @@ def train(cfg: DictConfig) -> RunResult:
     ckpt_cb = RLCheckpoint(out / "checkpoints", every=t.save_every, bundle=bundle)
     trainer = L.Trainer(
         max_steps=t.max_steps * module.updates_per_step, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, logger=_loggers(cfg, s, out),
+        num_nodes=t.num_nodes, strategy=make_strategy(t), precision=t.precision, logger=_loggers(cfg, s, out),
         callbacks=[ckpt_cb], log_every_n_steps=t.log_every, enable_checkpointing=False,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=str(out), use_distributed_sampler=False,

@@ -168,3 +168,20 @@ def test_missing_local_model_path(tmp_path):
         resolve_path("/nonexistent/model")
     with pytest.raises(ModelNotFoundError, match="config.json"):  # a folder that is not a model
         resolve_path(str(tmp_path))
+
+
+def test_fsdp_trainer_config_composes_with_its_defaults():
+    t = check_early(compose_cfg("trainer=fsdp", "trainer.devices=8"))["sections"]["trainer"]
+    assert (t.strategy, t.devices, t.fsdp.mixed_precision, t.fsdp.activation_checkpointing, t.fsdp.cpu_offload) == \
+        ("fsdp", 8, "bf16", True, False)
+    assert t.eval_every == 10   # the rest comes from trainer/default.yaml
+
+
+def test_fsdp_options_are_checked():
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.mixed_precision") as ei:
+        check_early(compose_cfg("trainer=fsdp", "trainer.fsdp.mixed_precision=fp8"))
+    assert "bf16" in str(ei.value)
+    with pytest.raises(ConfigError, match=r"fsdp\.foo"):
+        check_early(compose_cfg("trainer=fsdp", "+trainer.fsdp.foo=1"))
+    with pytest.raises(ConfigError, match=r"trainer\.devices"):
+        check_early(compose_cfg("trainer=fsdp", "trainer.devices=auto"))

@@ -148,22 +148,31 @@ def tiny_text_config(tokenizer, hidden: int = 128):
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Run ``build(tmpdir)`` and move the result to ``final`` unless another process won."""
+    """Run ``build(tmpdir)`` and move the result to ``final``. Processes that start together
+    (``torchrun``, SLURM: every rank resolves the model) take turns on a file lock, so one
+    builds and the others reuse its result."""
     if (final / "DONE").exists():
         return final
+    import fcntl
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        (tmp / "DONE").write_text("ok\n")
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "DONE").exists():   # another process built it while we waited
+            return final
+        if final.exists():              # left half-built by a killed process
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         try:
+            build(tmp)
+            if not (tmp / "config.json").exists():
+                raise RuntimeError(f"building {final.name} wrote no config.json (is torch.distributed initialised on "
+                                   "a rank other than 0? transformers then skips saving)")
+            (tmp / "DONE").write_text("ok\n")
             tmp.rename(final)
-        except OSError:  # someone else finished first
-            if not (final / "DONE").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

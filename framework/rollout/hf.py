@@ -29,6 +29,8 @@ class HFGenerateEngine(RolloutEngine):
             return_dict_in_generate=True, output_logits=sampling.return_logprobs,
             use_cache=True,
         )
+        if self._synced():   # FSDP: every forward is a collective; ranks that finish early keep stepping
+            kw["synced_gpus"] = True
         if sampling.temperature > 0:
             kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
         if b.vision_token_ids:  # a sampled vision token would crash the training forward
@@ -54,6 +56,13 @@ class HFGenerateEngine(RolloutEngine):
             logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
             logprobs = logprobs * mask
         return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
+
+    def _synced(self) -> bool:
+        if not hasattr(self, "_synced_flag"):
+            from framework.distributed import is_sharded, world
+
+            self._synced_flag = world()[1] > 1 and is_sharded(self.model)
+        return self._synced_flag
 
     def _generate_seeded(self, prompts, n: int, sampling: SamplingParams) -> Generation:
         """Each prompt's n completions drawn alone from its own seed: the samples do not depend

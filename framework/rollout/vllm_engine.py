@@ -341,7 +341,12 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights, caches, memory
     @staticmethod
     def named_weights(model) -> list[tuple[str, torch.Tensor]]:
-        """The policy's parameters under their Hugging Face names (tied weights once)."""
+        """The policy's parameters under their Hugging Face names (tied weights once); an FSDP
+        policy's shards are gathered first (a collective: every rank syncs its own engine)."""
+        from framework.distributed import full_tensor, is_sharded
+
+        if is_sharded(model):
+            return [(n, full_tensor(p.detach())) for n, p in model.named_parameters()]
         return [(n, p.detach()) for n, p in model.named_parameters()]
 
     @torch.no_grad()

@@ -1,0 +1,162 @@
+"""Multi-device training on Lightning strategies: ``trainer=ddp`` is Lightning's DDP;
+``trainer=fsdp`` is Lightning's ``ModelParallelStrategy`` (PyTorch FSDP2, ``fully_shard``)
+with the sharding applied here, in :func:`shard_model`, from ``trainer.fsdp``:
+
+    every block in the model's ``_no_split_modules`` (decoder layers, vision blocks) is one
+    FSDP unit, so is the vision tower's remainder (patch embedding, merger), and the rest
+    (embeddings, final norm, LM head) is the root unit; FULL_SHARD (``reshard_after_forward``), bf16 compute with fp32 master weights
+    and fp32 gradient reduction (``mixed_precision: bf16``), activation checkpointing of each
+    block, optional CPU offload of parameters, gradients and optimizer state.
+
+The frozen reference model is sharded the same way (it is never loaded when the algorithm
+does not need it). Checkpoints are distributed (one shard per rank, ``torch.distributed.
+checkpoint``), which resumes on any number of devices; every checkpoint also holds the
+policy gathered into Hugging Face format (``policy/``).
+
+Collectives: under FSDP every forward pass is a collective, so every rank makes the same
+number of forward passes (``RLModule._collective_micro_batches``, ``synced_gpus`` in
+generation).
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model`` holds FSDP2-sharded parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy with a pure data-parallel mesh (no tensor parallelism). With
+    CPU offload the sharded parameters stay on the CPU: the strategy must not move them."""
+
+    def __init__(self, fsdp_cfg, world_size: int, **kw):
+        super().__init__(data_parallel_size=world_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=fsdp_cfg.sharded_checkpoint, **kw)
+        self.fsdp_cfg = fsdp_cfg
+
+    def model_to_device(self) -> None:
+        if not self.fsdp_cfg.cpu_offload:
+            super().model_to_device()
+
+
+def make_strategy(t) -> Any:
+    """The Lightning strategy for ``trainer.strategy``: ``fsdp`` becomes :class:`FSDPStrategy`
+    (FSDP2); any other value (``auto``, ``ddp``, ``ddp_spawn``, ...) is passed to Lightning."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    devices = t.devices if isinstance(t.devices, int) else len(t.devices)
+    return FSDPStrategy(t.fsdp, world_size=int(devices) * int(t.num_nodes))
+
+
+def uses_fsdp(trainer) -> bool:
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool) -> torch.nn.Module:
+    """Apply FSDP2 to a Hugging Face model in place: one unit per ``_no_split_modules`` block,
+    the model itself as the root unit. Adds ``model.apo_completion_logprobs``, the chunked
+    log-prob computation registered as an FSDP forward method (it calls the backbone and the
+    LM head directly, so the root unit must gather its parameters around it)."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+
+    from framework.logprobs import completion_logprobs_unsharded
+
+    mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fsdp_cfg.mixed_precision)
+    kw: dict[str, Any] = dict(
+        mesh=mesh, reshard_after_forward=fsdp_cfg.reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=mp, reduce_dtype=torch.float32 if mp else None),
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if fsdp_cfg.cpu_offload else OffloadPolicy(),
+    )
+    names = set(fsdp_cfg.wrap or getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(model).__name__} names no blocks to shard (_no_split_modules is empty): "
+                         "set trainer.fsdp.wrap=[<block class name>, ...]")
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(f"trainer.fsdp.wrap={sorted(names)}: no such module in {type(model).__name__}; "
+                         f"module classes there: {found}")
+    if trainable and fsdp_cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    for b in blocks:
+        fully_shard(b, **kw)
+    # the vision tower is called on its own (generate encodes images before the first forward)
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    if visual is not None:
+        fully_shard(visual, **kw)
+    fully_shard(model, **kw)
+    # FSDP2 picks its root at the first forward; generation calls the vision tower before the
+    # model's forward, so make the model the root now (no public API for this in torch 2.13)
+    model._get_fsdp_state()._lazy_init()
+    model.apo_completion_logprobs = types.MethodType(completion_logprobs_unsharded, model)
+    register_fsdp_forward_method(model, "apo_completion_logprobs")
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters and buffers, gathered (a collective: every rank calls it), on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                broadcast_from_rank0=False))
+
+
+def full_state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`full_state_dict` without the second name of tied weights (``lm_head.weight`` when
+    it is the embedding), as ``save_pretrained`` writes them."""
+    sd = full_state_dict(model)
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in sd.items() if k in keep}
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor (a collective); a plain tensor unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, sharded (DTensor) or not."""
+    if not params:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    return full_tensor(norm)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip to ``max_norm`` by the global norm (also over FSDP shards); returns the norm before."""
+    norm = grad_norm(params)
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].grad.device) if params else norm)
+    return float(norm)
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few numbers over ranks (float64); identity on one process."""
+    import torch.distributed as dist
+
+    rank, ws = world()
+    if ws <= 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.tolist()
