@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from transformers import AutoConfig, Qwen2_5_VLConfig
+from transformers import AutoConfig
 
 from framework.memory import GiB, count_params, estimate
 from framework.models.loading import load_model, resolve_path
@@ -12,15 +12,9 @@ from tests.test_cli_and_config import CONFIGS
 
 
 def qwen2_5_vl_3b_config():
-    """Qwen/Qwen2.5-VL-3B-Instruct's architecture (its config.json), built offline."""
-    return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                         tie_word_embeddings=True, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31]),
-        tie_word_embeddings=True)
+    from framework.models.architectures import get
+
+    return get("qwen2_5_vl_3b")
 
 
 def test_param_counts_are_exact_for_the_tiny_model():
@@ -33,10 +27,13 @@ def test_param_counts_are_exact_for_the_tiny_model():
     assert c.largest_block >= layer
 
 
-def test_qwen2_5_vl_3b_size():
+def test_real_architecture_sizes():
+    from framework.models.architectures import get
+
     c = count_params(qwen2_5_vl_3b_config())
     assert 3.74e9 < c.total < 3.77e9          # the published 3.75B
     assert 0.66e9 < c.vision < 0.68e9
+    assert 8.2e9 < count_params(get("qwen2_5_vl_7b")).total < 8.35e9   # the published 8.29B
 
 
 SMALL = dict(micro_batch_size=4, prompt_tokens=100, new_tokens=28, logprob_chunk=64, gen_sequences=32)

@@ -1,0 +1,134 @@
+"""Throughput, MFU and peak memory of the update phase on a real-size architecture with
+random weights (nothing to download), measured on the framework's own update path: the
+chunked, checkpointed log-probs (framework/logprobs.py) and the registered algorithm's loss
+(GRPO with its k3 KL term by default), backward, gradient clipping and AdamW.
+
+    python -m benchmarks.update_throughput --arch qwen2_5_vl_3b --device cuda            # a GPU
+    python -m benchmarks.update_throughput --arch tiny --device cpu --steps 2            # smoke
+
+Prints one Markdown row per batch shape: tokens/s of fwd+bwd+optimizer, MFU = 6 * N_text *
+tokens / time / peak FLOP/s (N_text: the language model's parameters, as in the reference
+measurement in ../shared/bench), peak memory, and the time of each phase. Compare with the
+plain-PyTorch anchor (``python3 ../shared/bench/gpu_anchor.py``) in the same job.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from algorithms.base import build_algorithm
+from framework.logprobs import completion_logprobs
+from framework.types import LossNormalizer, Rollout
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
+
+
+def build(arch: str, dtype: torch.dtype, device: str, grad_ckpt: bool, attn: str):
+    from transformers import AutoModelForImageTextToText
+
+    if arch == "tiny":
+        from transformers import AutoConfig
+
+        from framework.models.loading import resolve_path
+        cfg = AutoConfig.from_pretrained(resolve_path("tiny:qwen2_5_vl"))
+    else:
+        from framework.models.architectures import get
+        cfg = get(arch)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model, cfg
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen2_5_vl_3b", help="qwen2_5_vl_3b | qwen2_5_vl_7b | tiny")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shapes", default="8x1024,16x1024", help="comma-separated BxL (sequences x tokens)")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="of each sequence's L tokens, not trained on")
+    ap.add_argument("--chunk", type=int, default=1024, help="trainer.logprob_chunk_size")
+    ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--algorithm", default="grpo")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps (after one warm-up)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: from the device name)")
+    a = ap.parse_args()
+
+    dtype = getattr(torch, a.dtype)
+    model, cfg = build(a.arch, dtype, a.device, not a.no_grad_ckpt, a.attn)
+    n_text = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+    peak = a.peak_tflops
+    if peak is None and a.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    fused = a.device.startswith("cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=fused)
+    algo = build_algorithm({"name": a.algorithm}, total_steps=100)
+    vocab = cfg.text_config.vocab_size if hasattr(cfg, "text_config") else cfg.vocab_size
+    print(f"arch={a.arch} device={a.device} dtype={a.dtype} grad_ckpt={not a.no_grad_ckpt} chunk={a.chunk} "
+          f"algorithm={a.algorithm} N_text={n_text / 1e9:.3f}B peak={peak} TFLOP/s")
+    print("| B x L | tokens/s | MFU | peak GiB | fwd s | bwd s | optim s |\n|---|---|---|---|---|---|---|")
+    for shape in a.shapes.split(","):
+        B, L = (int(x) for x in shape.lower().split("x"))
+        P, T = a.prompt_tokens, L - a.prompt_tokens
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(min(1000, vocab // 2), min(vocab, 100000), (B, L), generator=g).to(a.device)
+        att = torch.ones_like(ids)
+        kw = {"input_ids": ids, "attention_mask": att, "position_ids": torch.arange(L, device=a.device).expand(B, L)}
+        mask = torch.ones(B, T)
+        G = min(8, B)
+        rollout = Rollout(completion_ids=ids[:, P:].cpu(), completion_mask=mask, group_ids=torch.arange(B) // G,
+                          rewards=torch.randn(B, generator=g), correct=torch.zeros(B), truncated=torch.zeros(B, dtype=torch.bool))
+        algo.prepare(rollout, step=0)
+        rollout.logp_ref = -torch.rand(B, T, generator=g) * 5 if algo.needs_reference else None
+        mb = rollout.select(torch.arange(B))
+        mb = Rollout(**{k: (v.to(a.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
+        norm = LossNormalizer(num_sequences=float(B), num_tokens=float(mask.sum()), max_len=float(T))
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        try:
+            for i in range(a.steps + 1):
+                sync(a.device)
+                t0 = time.perf_counter()
+                logp, _ = completion_logprobs(model, kw, T, chunk_size=a.chunk, with_entropy=False)
+                loss, _ = algo.loss(logp, mb, norm)
+                sync(a.device)
+                t1 = time.perf_counter()
+                loss.backward()
+                sync(a.device)
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(a.device)
+                t3 = time.perf_counter()
+                if i:   # the first step warms up (allocator, kernels, optimizer state)
+                    times.append((t1 - t0, t2 - t1, t3 - t2))
+        except torch.OutOfMemoryError:
+            print(f"| {B} x {L} | OOM | | | | | |")
+            continue
+        fwd, bwd, opt_s = (sorted(x)[len(x) // 2] for x in zip(*times))
+        step = fwd + bwd + opt_s
+        tok = B * L
+        mfu = f"{6 * n_text * tok / step / (peak * 1e12):.1%}" if peak else "n/a"
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if a.device.startswith("cuda") else "n/a"
+        print(f"| {B} x {L} | {tok / step:,.0f} | {mfu} | {mem} | {fwd:.3f} | {bwd:.3f} | {opt_s:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
