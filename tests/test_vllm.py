@@ -390,15 +390,19 @@ def test_bad_words_keep_vision_tokens_out_of_samples(engine, prompts):
     assert not any(t in vision for t in banned.completion_ids[banned.completion_mask.bool()].tolist())
 
 
+LENGTH_REWARD_RUN = [
+    "rollout=vllm", "model=tiny_qwen2", "data=synthetic_text", "model.name_or_path=tiny:qwen2",
+    "reward.correctness=length", "~reward.components.accuracy", "~reward.components.format",
+    "+reward.components.length={weight:1.0,target:20}", "algorithm.kl.coef=0.0",
+    "trainer.prompts_per_step=4", "rollout.group_size=8", "rollout.max_new_tokens=12",
+    "trainer.eval_every=0", "trainer.eval_size=4", "optim.lr=3e-3",
+    "rollout.enforce_eager=true", "rollout.max_model_len=1024"]
+
+
 def _length_reward_run(tmp_path, *extra):
     """The text twin from its random init with a length reward (reward rises as completions get
     shorter): learnable in a few steps, unlike the task's accuracy without a warm-start."""
-    return cfg_for(tmp_path, "rollout=vllm", "model=tiny_qwen2", "data=synthetic_text", "model.name_or_path=tiny:qwen2",
-                   "reward.correctness=length", "~reward.components.accuracy", "~reward.components.format",
-                   "+reward.components.length={weight:1.0,target:20}", "algorithm.kl.coef=0.0",
-                   "trainer.prompts_per_step=4", "rollout.group_size=8", "rollout.max_new_tokens=12",
-                   "trainer.eval_every=0", "trainer.eval_size=4", "optim.lr=3e-3",
-                   "rollout.enforce_eager=true", "rollout.max_model_len=1024", *extra)
+    return cfg_for(tmp_path, *LENGTH_REWARD_RUN, *extra)
 
 
 @pytest.mark.vllm
@@ -427,3 +431,27 @@ def test_skipped_weight_sync_shows_in_the_gap_metric(vllm_module, tmp_path, monk
     assert gap[0] < 1e-4                      # step 1: the engine's weights from disk are still the policy's
     assert min(gap[1:]) > 0.05                # then the policy moved and the engine did not
     assert "sampler/trainer log-prob gap" in capsys.readouterr().out
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["trainer.strategy=ddp"], ["trainer=fsdp", "trainer.fsdp.mixed_precision=null"]],
+                         ids=["ddp", "fsdp"])
+def test_one_engine_per_rank_tracks_the_policy(vllm_module, tmp_path, strategy):
+    """2 training processes, each with its own colocated engine (vLLM's external launcher in
+    the trainer's process group): after every update each engine serves the new weights (for
+    FSDP gathered from the shards), so the sampler/trainer gap stays at numerical noise."""
+    import csv
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    args = [*LENGTH_REWARD_RUN, "trainer.max_steps=3", "logger.wandb=false", "trainer.progress_bar=false", *strategy,
+            "trainer.devices=2", "trainer.accelerator=cpu", f"output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}
+    p = subprocess.run([sys.executable, "-m", "framework.run", *args], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("reward")]
+    assert [float(r["rl_step"]) for r in rows] == [1.0, 2.0, 3.0]
+    for r in rows:
+        assert float(r["rollout/logp_diff_max"]) < LOGP_TOL, r["rl_step"]

@@ -252,6 +252,12 @@ class VLLMEngine(RolloutEngine):
                 raise NotImplementedError("rollout.tensor_parallel_size > 1 together with several training ranks "
                                           "is not supported yet: use tensor_parallel_size=1 (one engine per rank)")
             kw["distributed_executor_backend"] = "external_launcher"
+            # vLLM's external launcher joins the trainer's process group through the torchrun
+            # variables; Lightning's own launcher does not set all of them
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            os.environ.setdefault("RANK", str(rank))
+            os.environ.setdefault("WORLD_SIZE", str(world))
+            os.environ.setdefault("LOCAL_RANK", str(rank))
         return kw
 
     def _build_llm(self, model):
