@@ -90,6 +90,14 @@ def count_params(cfg) -> ParamCounts:
     return ParamCounts(total=total, vision=vision, root=root, largest_block=largest)
 
 
+def _size(b: float) -> str:
+    return f"{b / GiB:9.2f} GiB" if b >= GiB / 10 or b == 0 else f"{b / 1024 ** 2:9.2f} MiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 @dataclass
 class MemoryBudget:
     rows: list[tuple[str, float, str]] = field(default_factory=list)   # (item, bytes per device, note)
@@ -108,9 +116,9 @@ class MemoryBudget:
     def format(self) -> str:
         lines = ["apo-rl memory budget (per device, estimate):"]
         for name, b, note in self.rows:
-            lines.append(f"  {name:<15}{b / GiB:9.2f} GiB  {note}")
-        lines.append(f"  {'update phase':<15}{self.update_bytes / GiB:9.2f} GiB")
-        lines.append(f"  {'rollout phase':<15}{self.rollout_bytes / GiB:9.2f} GiB")
+            lines.append(f"  {name:<15}{_size(b)}  {note}")
+        lines.append(f"  {'update phase':<15}{_size(self.update_bytes)}")
+        lines.append(f"  {'rollout phase':<15}{_size(self.rollout_bytes)}")
         if self.device_bytes:
             verdict = "fits" if self.peak_bytes <= 0.95 * self.device_bytes else "DOES NOT FIT"
             lines.append(f"  device: {self.device_name} {self.device_bytes / GiB:.1f} GiB -> peak "
@@ -164,9 +172,9 @@ def estimate(cfg, counts: ParamCounts, *, model_dtype: str, world_size: int, fsd
         kv = 0.0
 
     out.rows += [
-        ("weights", weights, f"{counts.total / 1e9:.3f}B params x {b_p} B{shard_note}{where}"),
-        ("gradients", grads, f"{n_train / 1e9:.3f}B trainable x {b_p} B{shard_note}{where}"),
-        ("optimizer", optim, f"AdamW 2 x {n_train / 1e9:.3f}B x {b_p} B{shard_note}{where}"),
+        ("weights", weights, f"{_count(counts.total)} params x {b_p} B{shard_note}{where}"),
+        ("gradients", grads, f"{_count(n_train)} trainable x {b_p} B{shard_note}{where}"),
+        ("optimizer", optim, f"AdamW 2 x {_count(n_train)} x {b_p} B{shard_note}{where}"),
         ("reference", ref, (f"frozen copy{shard_note}{where}" if needs_reference else "not loaded (the algorithm never uses it)")),
     ]
     if sharded:

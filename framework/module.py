@@ -74,7 +74,12 @@ class RLModule(L.LightningModule):
     def configure_optimizers(self):
         o, t = self.s["optim"], self.s["trainer"]
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        from framework.distributed import is_sharded
+
+        # the fused CUDA kernel for plain CUDA parameters (FSDP's DTensors use the foreach path)
+        fused = bool(params) and all(p.is_cuda for p in params) and not is_sharded(self.policy)
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                fused=fused or None)
         warm = int(o.warmup_ratio * self.total_updates)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.scheduler, self.total_updates, warm, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
