@@ -125,14 +125,18 @@ class Evaluator:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def update(self, records: Sequence[dict], *, keep_details: bool = False) -> None:
-        """Generate and score one batch of records; accumulates into the metrics."""
+    def update(self, records: Sequence[dict], *, keep_details: bool = False, count: bool = True) -> None:
+        """Generate and score one batch of records; accumulates into the metrics (only the
+        generation runs when ``count`` is false)."""
         s = self.settings
         m = self.metrics
         records = list(records)
         prompts = self.encode(records)
         # sampled: n per prompt at the rollout temperature -> accuracy_sampled, pass@k
         gen_s = self.engine.generate(prompts, s.n, s.sampled)
+        if not count:
+            self.engine.generate(prompts, 1, s.greedy)
+            return
         texts_s = self._texts(gen_s)
         recs_s = [r for r in records for _ in range(s.n)]
         correct_s = torch.tensor(self.rewards(texts_s, recs_s)[2], dtype=torch.float32).view(len(records), s.n)
@@ -163,9 +167,14 @@ class Evaluator:
                 })
 
     def compute(self) -> dict[str, float]:
+        """Metric values; with several processes, torchmetrics reduces each metric over ranks
+        (every rank computes the metrics that any rank updated: the reduction is a collective)."""
+        from framework.distributed import all_reduce
+
+        counts = all_reduce([float(m.update_count) for m in self.metrics.values()], "sum")
         out = {}
-        for name, metric in self.metrics.items():
-            if metric.update_count:
+        for (name, metric), n in zip(self.metrics.items(), counts):
+            if n:
                 v = float(metric.compute())
                 if not math.isnan(v):
                     out[f"eval/{name}"] = v
@@ -173,16 +182,30 @@ class Evaluator:
 
     def run(self, records: Sequence[dict], *, keep_details: bool = False, progress=None) -> dict[str, float]:
         """All metrics over ``records`` as ``{"eval/<metric>": float}`` (a metric without any
-        sample, e.g. ``mean_length_correct`` when nothing is correct, is left out)."""
+        sample, e.g. ``mean_length_correct`` when nothing is correct, is left out).
+
+        With several processes each rank evaluates its share ``records[rank::world]`` and the
+        metrics are reduced over ranks. Ranks with fewer batches than another generate one
+        more batch that is not counted, so that every rank makes the same generation calls
+        (a collective under FSDP)."""
+        from framework.distributed import all_reduce, world
+
         self.reset()
         records = list(records)
         if not records:
             return {}
+        rank, ws = world()
+        mine = records[rank::ws]
         bs = self.settings.batch_size
-        for i in range(0, len(records), bs):
-            self.update(records[i:i + bs], keep_details=keep_details)
+        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
+        most = int(all_reduce([float(len(batches))], "max")[0]) if ws > 1 else len(batches)
+        for j in range(most):
+            if j < len(batches):
+                self.update(batches[j], keep_details=keep_details)
+            else:   # a padding batch: joins the collective generation, counts nothing
+                self.update(records[:1], keep_details=False, count=False)
             if progress is not None:
-                progress(min(i + bs, len(records)), len(records))
+                progress(min((j + 1) * bs, len(mine)), len(mine))
         return self.compute()
 
 

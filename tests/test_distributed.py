@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["trainer.prompts_per_step=8", "rollout.group_size=4", "trainer.eval_every=0",
-          "trainer.eval_size=4", "logger.wandb=false", "trainer.progress_bar=false", "rollout.seed_per_prompt=true",
+          "trainer.eval_size=5", "trainer.eval_batch_size=2", "logger.wandb=false", "trainer.progress_bar=false", "rollout.seed_per_prompt=true",
           "algorithm.loss_agg=token_mean", "trainer.accelerator=cpu"]
 KEYS = ("reward", "loss", "kl", "grad_norm", "completions/mean_length", "entropy")
 
@@ -53,6 +53,13 @@ def _assert_same_run(one, other, rel=1e-4):
         for k in KEYS:
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), (a["rl_step"], k)
     assert one[-1]["kl"] > 0  # the weights moved, identically, in both runs
+    # held-out evaluation: each rank evaluates its share, the metrics are reduced over ranks
+    # (the greedy ones are deterministic, so they equal the 1-process values)
+    evals = [(a, b) for a, b in zip(one, other) if "eval/accuracy" in a]
+    assert evals and all("eval/accuracy" in b for _, b in evals)
+    for a, b in evals:
+        for k in ("eval/accuracy", "eval/mean_length", "eval/format"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
 
 
 @pytest.mark.slow
