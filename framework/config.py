@@ -141,6 +141,9 @@ class TrainerConfig:
 
     def validate(self, p: str) -> None:
         self.fsdp.validate(f"{p}.fsdp")
+        if self.strategy == "fsdp" and str(self.precision) not in ("32-true", "32"):
+            raise ConfigError(f"{p}.precision={self.precision!r} with trainer.strategy=fsdp: keep 32-true and set the "
+                              f"compute dtype with {p}.fsdp.mixed_precision=bf16 (the weights' dtype is model.dtype)")
         if self.strategy == "fsdp" and not (isinstance(self.devices, int) and self.devices > 0):
             raise ConfigError(f"{p}.devices={self.devices!r}: trainer.strategy=fsdp needs the number of devices per "
                               "node as a positive integer (e.g. trainer.devices=8)")

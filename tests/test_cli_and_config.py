@@ -185,3 +185,5 @@ def test_fsdp_options_are_checked():
         check_early(compose_cfg("trainer=fsdp", "+trainer.fsdp.foo=1"))
     with pytest.raises(ConfigError, match=r"trainer\.devices"):
         check_early(compose_cfg("trainer=fsdp", "trainer.devices=auto"))
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.mixed_precision=bf16"):
+        check_early(compose_cfg("trainer=fsdp", "trainer.precision=bf16-mixed"))
