@@ -4,9 +4,10 @@ with the sharding applied here, in :func:`shard_model`, from ``trainer.fsdp``:
 
     every block in the model's ``_no_split_modules`` (decoder layers, vision blocks) is one
     FSDP unit, so is the vision tower's remainder (patch embedding, merger), and the rest
-    (embeddings, final norm, LM head) is the root unit; FULL_SHARD (``reshard_after_forward``), bf16 compute with fp32 master weights
-    and fp32 gradient reduction (``mixed_precision: bf16``), activation checkpointing of each
-    block, optional CPU offload of parameters, gradients and optimizer state.
+    (embeddings, final norm, LM head) is the root unit; FULL_SHARD
+    (``reshard_after_forward``); bf16 compute with fp32 gradient reduction
+    (``mixed_precision: bf16``; master weights in ``model.dtype``); activation checkpointing
+    of each block; optional CPU offload of parameters, gradients and optimizer state.
 
 The frozen reference model is sharded the same way (it is never loaded when the algorithm
 does not need it). Checkpoints are distributed (one shard per rank, ``torch.distributed.
@@ -15,7 +16,12 @@ policy gathered into Hugging Face format (``policy/``).
 
 Collectives: under FSDP every forward pass is a collective, so every rank makes the same
 number of forward passes (``RLModule._collective_micro_batches``, ``synced_gpus`` in
-generation).
+generation, padding batches in ``Evaluator.run``).
+
+Gradients: DDP's per-backward all-reduce is switched off inside an RL step and the module
+sums gradients once before the optimizer step; FSDP reduce-scatters (averages) on every
+backward, so the module scales each loss by the world size. Both give the gradient of the
+global-batch loss (the loss uses global token/sequence counts).
 """
 from __future__ import annotations
 
