@@ -74,6 +74,13 @@ def uses_fsdp(trainer) -> bool:
     return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
 
 
+def block_modules(model: torch.nn.Module, names=None) -> list[torch.nn.Module]:
+    """The modules FSDP shards one by one: instances of the classes ``names`` (default: the
+    model's ``_no_split_modules``: decoder layers, vision blocks)."""
+    names = set(names or getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool) -> torch.nn.Module:
     """Apply FSDP2 to a Hugging Face model in place: one unit per ``_no_split_modules`` block,
     the model itself as the root unit. Adds ``model.apo_completion_logprobs``, the chunked
@@ -90,11 +97,11 @@ def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool)
         mp_policy=MixedPrecisionPolicy(param_dtype=mp, reduce_dtype=torch.float32 if mp else None),
         offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if fsdp_cfg.cpu_offload else OffloadPolicy(),
     )
-    names = set(fsdp_cfg.wrap or getattr(model, "_no_split_modules", None) or [])
+    names = fsdp_cfg.wrap or getattr(model, "_no_split_modules", None)
     if not names:
         raise ValueError(f"{type(model).__name__} names no blocks to shard (_no_split_modules is empty): "
                          "set trainer.fsdp.wrap=[<block class name>, ...]")
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = block_modules(model, names)
     if not blocks:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(f"trainer.fsdp.wrap={sorted(names)}: no such module in {type(model).__name__}; "
@@ -117,18 +124,14 @@ def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool)
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """All parameters and buffers, gathered (a collective: every rank calls it), on the CPU."""
+def full_state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters and buffers gathered on the CPU (a collective: every rank calls it),
+    without the second name of tied weights (``lm_head.weight`` when it is the embedding), as
+    ``save_pretrained`` writes them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                broadcast_from_rank0=False))
-
-
-def full_state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """:func:`full_state_dict` without the second name of tied weights (``lm_head.weight`` when
-    it is the embedding), as ``save_pretrained`` writes them."""
-    sd = full_state_dict(model)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              broadcast_from_rank0=False))
     keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in sd.items() if k in keep}
 
@@ -140,19 +143,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the gradients, sharded (DTensor) or not."""
-    if not params:
-        return torch.tensor(0.0)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-    return full_tensor(norm)
-
-
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """Clip to ``max_norm`` by the global norm (also over FSDP shards); returns the norm before."""
-    norm = grad_norm(params)
+    """Clip to ``max_norm`` by the global L2 norm of the gradients, sharded (DTensor) or not;
+    returns the norm before clipping."""
+    if not params:
+        return 0.0
+    norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0))
     if max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(params[0].grad.device) if params else norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
 
 

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from framework.models.loading import DTYPES
+
 GiB = 1024 ** 3
-BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}   # model.dtype names -> bytes
 
 
 @dataclass
@@ -75,6 +77,8 @@ def count_params(cfg) -> ParamCounts:
     memory, no weights needed). Tied embeddings are counted once."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from framework.distributed import block_modules
+
     cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(cfg)
@@ -82,8 +86,7 @@ def count_params(cfg) -> ParamCounts:
     core = getattr(model, "model", model)
     visual = getattr(core, "visual", None)
     vision = sum(p.numel() for p in visual.parameters()) if visual is not None else 0
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = block_modules(model)   # the units FSDP shards
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
@@ -167,8 +170,7 @@ def estimate(cfg, counts: ParamCounts, *, model_dtype: str, world_size: int, fsd
     kv = gen_sequences * seq * 2 * a.layers * a.kv_dim * b_c
     vllm_pool = 0.0
     if engine == "vllm":
-        pool_total = vllm_utilization * device_bytes if device_bytes else counts.total * b_c + kv
-        vllm_pool = pool_total
+        vllm_pool = vllm_utilization * device_bytes if device_bytes else counts.total * b_c + kv
         kv = 0.0
 
     out.rows += [

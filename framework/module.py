@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from framework.distributed import all_reduce
 from framework.logprobs import completion_logprobs
 from framework.rollout.base import SamplingParams
 from framework.rollout.inputs import encode_prompts, expand_inputs, select_inputs, training_inputs
@@ -143,8 +144,6 @@ class RLModule(L.LightningModule):
         """``(rows, real)`` micro-batches. Under FSDP each forward is a collective, so a rank with
         fewer micro-batches than another (uneven ``filter_groups`` refills) adds padding passes
         (``real=False``: its first micro-batch again, with zero weight)."""
-        from framework.distributed import all_reduce
-
         batches = [(b, True) for b in self._micro_batches(n)]
         if self.sharded:
             most = int(all_reduce([float(len(batches))], "max")[0])
@@ -210,8 +209,6 @@ class RLModule(L.LightningModule):
         def need_more() -> bool:
             short = float(sum(int(p[3].sum()) for p in parts) < want)
             if self.sharded:   # generation is a collective under FSDP: all ranks make the same rounds
-                from framework.distributed import all_reduce
-
                 short = all_reduce([short], "max")[0]
             return bool(short)
 
@@ -290,10 +287,7 @@ class RLModule(L.LightningModule):
                     mb = _to(mb, self.device)
                     loss, lm = self.algo.loss(logp, mb, norm)
                     bad = real and not bool(torch.isfinite(loss))
-                    if self._trainer is not None and self.trainer.world_size > 1:   # all ranks skip together
-                        from framework.distributed import all_reduce
-
-                        bad = bool(all_reduce([float(bad)], "max")[0])
+                    bad = bool(all_reduce([float(bad)], "max")[0])   # all ranks skip together
                     if bad:
                         names = [k for k, v in lm.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
                         msg = (f"non-finite loss at RL step {self.rl_step} (optimizer step {self.global_step}): "
@@ -314,7 +308,7 @@ class RLModule(L.LightningModule):
                     with self._no_grad_sync():   # DDP: gradients are all-reduced once, before the step
                         # FSDP averages gradients over ranks: scaled by the world size, the
                         # average is the sum of the rank losses' gradients (the global loss)
-                        self.manual_backward(loss * self._grad_scale if self._grad_scale != 1 else loss)
+                        self.manual_backward(loss * self._grad_scale)
                     acc["loss"] += float(loss.detach())
                     for k, v in lm.items():
                         acc[k] += float(v)
@@ -397,8 +391,6 @@ class RLModule(L.LightningModule):
     def _global_normalizer(self, norm: LossNormalizer) -> LossNormalizer:
         """Denominators summed over all ranks, so that the rank losses add up to the loss of the
         global batch (token_mean divides by the token count of all ranks and micro-batches)."""
-        from framework.distributed import all_reduce
-
         n_seq, n_tok = all_reduce([norm.num_sequences, norm.num_tokens], "sum")
         return LossNormalizer(num_sequences=n_seq, num_tokens=n_tok, max_len=norm.max_len)
 
@@ -409,12 +401,9 @@ class RLModule(L.LightningModule):
         ws = self.trainer.world_size if self._trainer is not None else 1
         if ws <= 1:
             return metrics
-        import torch.distributed as dist
-
         keys = sorted(k for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v)))
-        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(vals, op=dist.ReduceOp.SUM)
-        out = {k: float(v) if k in self.ADDITIVE else float(v) / ws for k, v in zip(keys, vals)}
+        vals = all_reduce([float(metrics[k]) for k in keys], "sum")
+        out = {k: v if k in self.ADDITIVE else v / ws for k, v in zip(keys, vals)}
         if "grad_norm" in metrics:  # computed after the all-reduce: already the global norm
             out["grad_norm"] = metrics["grad_norm"]
         return out

@@ -46,21 +46,15 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return perm[k * self.bs:(k + 1) * self.bs]
 
     def __iter__(self):
-        rank, world = _rank_world()
+        from framework.distributed import world as rank_world
+
+        rank, world = rank_world()
         if self.bs % world:
             raise ConfigError(f"trainer.prompts_per_step={self.bs} must be divisible by the number of ranks ({world}): "
                               "each group of G completions stays on one rank")
         per = self.bs // world
         for s in itertools.count(self.start):
             yield self.batch(s)[rank * per:(rank + 1) * per]   # this rank's contiguous shard of the global batch
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def check_early(cfg: DictConfig) -> dict[str, Any]:
