@@ -3,6 +3,7 @@
 Shapes: N completions, K groups. ``group_ids`` [N] long may hold any values; groups are
 ordered by ``torch.unique`` (sorted ids), which is the order of per-group outputs here.
 """
+
 from __future__ import annotations
 
 import torch

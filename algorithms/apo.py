@@ -1,5 +1,6 @@
 """APO (View-R1): GRPO + STCR (on the advantages of long wrong answers) + DADS (on the KL
 weight of positives, by group difficulty). Only two hooks differ from GRPO."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -8,7 +9,7 @@ from framework.registry import ALGORITHMS
 from framework.types import Rollout
 
 from .apo_components import DADS_VARIANTS, dads_weights, stcr_weights
-from .base import KLConfig, invalid_value, check_choice
+from .base import KLConfig, check_choice, invalid_value
 from .grpo import GRPO, AlgorithmConfig
 
 STCR_LENGTH_UNITS = ("tokens", "chars")
@@ -19,7 +20,7 @@ COMPLETION_TEXTS_KEY = "completion_texts"
 @dataclass
 class DADSConfig:
     enabled: bool = True
-    variant: str = "release"    # release: f = 1 - exp(-e p) | exp: f = exp(-e d)
+    variant: str = "release"  # release: f = 1 - exp(-e p) | exp: f = exp(-e d)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class STCRConfig:
     enabled: bool = True
     lam: float = 1.00001
     only_negative_advantage: bool = True  # False reproduces the release exactly
-    length_unit: str = "tokens"           # tokens (mask sum, incl. EOS) | chars
+    length_unit: str = "tokens"  # tokens (mask sum, incl. EOS) | chars
 
 
 @dataclass
@@ -55,17 +56,23 @@ class APO(GRPO):
             return rollout.lengths
         texts = rollout.extras.get(COMPLETION_TEXTS_KEY)
         if texts is None or len(texts) != rollout.rewards.shape[0]:
-            raise ValueError(f"stcr.length_unit=chars needs rollout.extras['{COMPLETION_TEXTS_KEY}']"
-                             " (one string per completion)")
+            raise ValueError(
+                f"stcr.length_unit=chars needs rollout.extras['{COMPLETION_TEXTS_KEY}'] (one string per completion)"
+            )
         return torch.tensor([float(len(t)) for t in texts], dtype=torch.float64)
 
     def shape_advantages(self, rollout, advantages, metrics):
         """STCR: A_i <- w_i A_i (longer-than-correct wrong answers pushed down harder)."""
         if not self.cfg.stcr.enabled:
             return advantages
-        w = stcr_weights(self.completion_lengths(rollout), rollout.correct, rollout.group_ids,
-                         advantages, lam=self.cfg.stcr.lam,
-                         only_negative_advantage=self.cfg.stcr.only_negative_advantage)
+        w = stcr_weights(
+            self.completion_lengths(rollout),
+            rollout.correct,
+            rollout.group_ids,
+            advantages,
+            lam=self.cfg.stcr.lam,
+            only_negative_advantage=self.cfg.stcr.only_negative_advantage,
+        )
         metrics["stcr/mean_weight"] = w.double().mean().item() if w.numel() else 1.0
         metrics["stcr/frac_penalised"] = (w > 1).double().mean().item() if w.numel() else 0.0
         return w * advantages

@@ -3,6 +3,7 @@
 Shapes: N completions; group_ids [N] long; correct [N] in {0, 1} (accuracy reward only);
 advantages [N] (after STCR for DADS). Both return per-sample multiplicative weights [N].
 """
+
 from __future__ import annotations
 
 import math

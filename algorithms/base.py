@@ -14,6 +14,7 @@ mini-batch, so summing them over micro-batches (and ranks) gives the mini-batch 
 Subclasses change behaviour through hooks, called by ``prepare`` in this order:
 ``shape_rewards -> compute_advantages -> shape_advantages -> sample_kl_coef``.
 """
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -34,15 +35,16 @@ from .schedules import SCHEDULES, make_schedule
 # ----------------------------------------------------------------------------- config
 @dataclass
 class AdvantageConfig:
-    scale: str = "group"        # group | batch | none (Dr. GRPO)
-    eps: float = 1e-4           # A = (r - mean) / (std + eps)
+    scale: str = "group"  # group | batch | none (Dr. GRPO)
+    eps: float = 1e-4  # A = (r - mean) / (std + eps)
 
 
 @dataclass
 class KLScheduleConfig:
     """beta over optimizer steps. ``constant``: beta = kl.coef. ``linear``/``cosine``: start ->
     end (None = kl.coef). ``grpo_d``: beta_min, beta_max, explore_frac (kl.coef unused)."""
-    name: str = "constant"      # constant | linear | cosine | grpo_d (see schedules.SCHEDULES)
+
+    name: str = "constant"  # constant | linear | cosine | grpo_d (see schedules.SCHEDULES)
     start: Optional[float] = None
     end: Optional[float] = None
     beta_min: float = 0.0
@@ -52,27 +54,27 @@ class KLScheduleConfig:
 
 @dataclass
 class KLConfig:
-    estimator: str = "k3"       # k1 | k2 | k3, x = logp_ref - logp
-    coef: float = 0.04          # beta (DeepSeekMath); value of the constant schedule
+    estimator: str = "k3"  # k1 | k2 | k3, x = logp_ref - logp
+    coef: float = 0.04  # beta (DeepSeekMath); value of the constant schedule
     schedule: KLScheduleConfig = field(default_factory=KLScheduleConfig)
 
 
 @dataclass
 class FilterGroupsConfig:
-    enabled: bool = False       # DAPO dynamic sampling: drop zero-std groups, resample
-    max_extra_rounds: int = 3   # extra rollout rounds the trainer may spend to refill
+    enabled: bool = False  # DAPO dynamic sampling: drop zero-std groups, resample
+    max_extra_rounds: int = 3  # extra rollout rounds the trainer may spend to refill
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss_agg: str = "seq_mean_token_mean"   # | token_mean | seq_mean_token_sum_norm
-    kl_agg: Optional[str] = None            # aggregation of the KL term; None = loss_agg
+    loss_agg: str = "seq_mean_token_mean"  # | token_mean | seq_mean_token_sum_norm
+    kl_agg: Optional[str] = None  # aggregation of the KL term; None = loss_agg
     kl: KLConfig = field(default_factory=KLConfig)
     clip_low: float = 0.2
-    clip_high: float = 0.2                  # DAPO clip-higher: 0.28
-    ppo_epochs: int = 1                     # mu: updates per rollout batch
+    clip_high: float = 0.2  # DAPO clip-higher: 0.28
+    ppo_epochs: int = 1  # mu: updates per rollout batch
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
     # completions that hit max_new_tokens without EOS get mask 0. Applied by the trainer
     # (exposed as Algorithm.mask_truncated_completions), after prepare().
@@ -173,20 +175,17 @@ class Algorithm:
         """Advantages [N] from ``rollout.rewards``."""
         raise NotImplementedError
 
-    def shape_advantages(self, rollout: Rollout, advantages: torch.Tensor,
-                         metrics: dict) -> torch.Tensor:
+    def shape_advantages(self, rollout: Rollout, advantages: torch.Tensor, metrics: dict) -> torch.Tensor:
         """Reweight advantages [N] (APO: STCR). Default: identity."""
         return advantages
 
-    def sample_kl_coef(self, rollout: Rollout, advantages: torch.Tensor, beta: float,
-                       metrics: dict) -> torch.Tensor:
+    def sample_kl_coef(self, rollout: Rollout, advantages: torch.Tensor, beta: float, metrics: dict) -> torch.Tensor:
         """Per-sample KL weight beta_i [N] (APO: DADS). Default: beta everywhere."""
         return torch.full_like(advantages, beta)
 
     def policy_objective(self, logp: torch.Tensor, logp_old: torch.Tensor, mb: Rollout):
         """Per-token surrogate to maximise: (s [n,T], clipped_low, clipped_high)."""
-        return clipped_surrogate(logp, logp_old, mb.advantages, self.cfg.clip_low,
-                                 self.cfg.clip_high)
+        return clipped_surrogate(logp, logp_old, mb.advantages, self.cfg.clip_low, self.cfg.clip_high)
 
     # -- entry points
     def prepare(self, rollout: Rollout, step: int) -> dict[str, float]:
@@ -215,8 +214,9 @@ class Algorithm:
             return torch.ones_like(zero)
         return ~zero
 
-    def loss(self, logp: torch.Tensor, mb: Rollout, norm: LossNormalizer
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, logp: torch.Tensor, mb: Rollout, norm: LossNormalizer
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of micro-batch ``mb`` (a ``Rollout.select`` slice prepared by ``prepare``):
 
             loss = aggregate(-s, loss_agg) + aggregate(beta_i * k, kl_agg)
@@ -246,8 +246,7 @@ class Algorithm:
         kl_coef = mb.kl_coef.detach().to(logp.dtype)
         if mb.logp_ref is not None:
             k = kl_estimator(logp, mb.logp_ref, self.cfg.kl.estimator)
-            kl_loss = aggregate(kl_coef.unsqueeze(-1) * k, mask,
-                                self.cfg.kl_agg or self.cfg.loss_agg, norm)
+            kl_loss = aggregate(kl_coef.unsqueeze(-1) * k, mask, self.cfg.kl_agg or self.cfg.loss_agg, norm)
             kl_mean = token_sum_mean(k.detach(), mask, norm)
         else:
             if bool((kl_coef != 0).any()):

@@ -2,6 +2,7 @@
 
 Dr. GRPO and DAPO are GRPO configurations (see configs/algorithm/dr_grpo.yaml, dapo.yaml).
 """
+
 from dataclasses import dataclass, field
 
 import torch
@@ -20,18 +21,19 @@ class GRPO(Algorithm):
     Config = AlgorithmConfig
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
-        return group_advantages(rollout.rewards, rollout.group_ids,
-                                scale=self.cfg.advantage.scale, eps=self.cfg.advantage.eps)
+        return group_advantages(
+            rollout.rewards, rollout.group_ids, scale=self.cfg.advantage.scale, eps=self.cfg.advantage.eps
+        )
 
 
 def _grpo_d_kl() -> KLConfig:
-    return KLConfig(schedule=KLScheduleConfig(name="grpo_d", beta_min=0.0, beta_max=0.02,
-                                              explore_frac=0.3))
+    return KLConfig(schedule=KLScheduleConfig(name="grpo_d", beta_min=0.0, beta_max=0.02, explore_frac=0.3))
 
 
 @dataclass
 class GRPODConfig(AlgorithmConfig):
     """GRPO-D defaults: grpo_d schedule with the paper's geometry constants (0.0 / 0.02)."""
+
     name: str = "grpo_d"
     kl: KLConfig = field(default_factory=_grpo_d_kl)
 

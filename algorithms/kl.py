@@ -1,4 +1,5 @@
 """Per-token KL estimators (Schulman's k1/k2/k3). Pure functions on tensors."""
+
 from __future__ import annotations
 
 import torch

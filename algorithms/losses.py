@@ -5,6 +5,7 @@ Aggregation divides by GLOBAL denominators held in a :class:`framework.types.Los
 steps), so that summing the losses of the micro-batches gives exactly the loss of the
 full mini-batch, whatever the micro-batch split.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,7 @@ def truncated_is_weights(
     trainer's forward and the engine's report). Masked positions (``mask`` == 0) get w = 0.
     ``Algorithm.loss`` multiplies the per-token surrogate by w.
     """
-    w = torch.exp((logp_trainer.detach().double() - logp_sampler.detach().double())).clamp(max=float(cap))
+    w = torch.exp(logp_trainer.detach().double() - logp_sampler.detach().double()).clamp(max=float(cap))
     w = w.to(logp_trainer.dtype)
     if mask is not None:
         w = w * mask.to(w.dtype)
@@ -71,9 +72,7 @@ def _safe(denominator: float) -> float:
     return d if d > 0 else 1.0  # an empty batch: the numerator is 0 too
 
 
-def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: LossNormalizer
-) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: LossNormalizer) -> torch.Tensor:
     """Reduce a per-token quantity l [n, T] over the mask m [n, T] to a scalar:
 
         seq_mean_token_mean     : sum_i (1/|o_i|) sum_t m l / B        (GRPO)

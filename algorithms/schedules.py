@@ -5,11 +5,13 @@ maps a name to ``(function, parameter names)``; ``make_schedule(cfg)`` binds the
 and returns ``callable(step, total_steps) -> float``. Progress s/T is clamped to [0, 1];
 T <= 0 counts as progress 0. Add a schedule with ``register_schedule``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 def _progress(step: float, total_steps: float) -> float:
@@ -33,9 +35,7 @@ def cosine(step: float, total_steps: float, *, start: float, end: float) -> floa
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * _progress(step, total_steps)))
 
 
-def grpo_d(
-    step: float, total_steps: float, *, beta_min: float, beta_max: float, explore_frac: float = 0.3
-) -> float:
+def grpo_d(step: float, total_steps: float, *, beta_min: float, beta_max: float, explore_frac: float = 0.3) -> float:
     """GRPO-D dynamic KL (OThink-MR1). w = explore_frac * T, beta_mid = (beta_min + beta_max)/2:
 
         beta(s) = beta_mid - (beta_mid - beta_min) * s / w               s <= w
@@ -71,8 +71,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
 }
 
 
-def register_schedule(name: str, fn: Callable[..., float], params: tuple[str, ...],
-                      peak: Callable[..., float]) -> None:
+def register_schedule(name: str, fn: Callable[..., float], params: tuple[str, ...], peak: Callable[..., float]) -> None:
     SCHEDULES[name] = ScheduleSpec(fn, tuple(params), peak)
 
 

@@ -15,6 +15,7 @@ Examples::
     python -m benchmarks.evaluate checkpoint=… data=superclevr data.path=/data/superclevr pass_k=4 num_samples=8
     python -m benchmarks.evaluate -m checkpoint=… data=mathvista,mathverse,mmstar   # several benchmarks
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def resolve_checkpoint(checkpoint: Any) -> str:
     from framework.models.loading import resolve_path
 
     if checkpoint is None or str(checkpoint) in ("", "???"):
-        raise ConfigError("checkpoint is not set: checkpoint=<…/checkpoints/step-N/policy, a step folder, "
-                          "or a Hugging Face model folder / hub id>")
+        raise ConfigError(
+            "checkpoint is not set: checkpoint=<…/checkpoints/step-N/policy, a step folder, "
+            "or a Hugging Face model folder / hub id>"
+        )
     p = Path(str(checkpoint)).expanduser()
     if p.is_file() and p.name == "state.ckpt":
         p = p.parent
@@ -97,20 +100,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         limit = cfg.get("limit")
         part = ds[split] if limit is None else ds[split].select(range(min(int(limit), len(ds[split]))))
         checked, report = validate_records(
-            part, count_prompt_tokens=lambda rec: int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1]),
-            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)), on_invalid=data_cfg.get("on_invalid", "skip"),
-            split=split)
+            part,
+            count_prompt_tokens=lambda rec: int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1]),
+            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
+            on_invalid=data_cfg.get("on_invalid", "skip"),
+            split=split,
+        )
         if report.problems:
             print(report.summary(), file=sys.stderr)
         records = [to_record(checked[i]) for i in range(len(checked))]
 
         engine = engine_cls(rollout, bundle, model)
         try:
-            ev = Evaluator.from_config(engine, bundle, rewards, data_cfg, rollout, pass_k=int(cfg.pass_k),
-                                       num_samples=cfg.num_samples, batch_size=int(cfg.batch_size))
+            ev = Evaluator.from_config(
+                engine,
+                bundle,
+                rewards,
+                data_cfg,
+                rollout,
+                pass_k=int(cfg.pass_k),
+                num_samples=cfg.num_samples,
+                batch_size=int(cfg.batch_size),
+            )
             t1 = time.perf_counter()
-            metrics = ev.run(records, keep_details=bool(cfg.save_predictions),
-                             progress=lambda done, total: print(f"evaluated {done}/{total}", file=sys.stderr))
+            metrics = ev.run(
+                records,
+                keep_details=bool(cfg.save_predictions),
+                progress=lambda done, total: print(f"evaluated {done}/{total}", file=sys.stderr),
+            )
             t2 = time.perf_counter()
         finally:
             engine.close()
@@ -118,10 +135,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         rewards.close()
 
     result = {
-        "checkpoint": str(cfg.checkpoint), "model_path": path,
-        "data": data_cfg.get("task_name") or data_cfg.get("hub_id") or task, "task": task, "split": split,
-        "num_records": len(records), "num_invalid": report.invalid,
-        "pass_k": int(cfg.pass_k), "num_samples": int(cfg.num_samples or cfg.pass_k),
+        "checkpoint": str(cfg.checkpoint),
+        "model_path": path,
+        "data": data_cfg.get("task_name") or data_cfg.get("hub_id") or task,
+        "task": task,
+        "split": split,
+        "num_records": len(records),
+        "num_invalid": report.invalid,
+        "pass_k": int(cfg.pass_k),
+        "num_samples": int(cfg.num_samples or cfg.pass_k),
         "metrics": metrics,
         "timing_s": {"load": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)},
         "device": str(device),
@@ -151,8 +173,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = evaluate(cfg)
     except Exception as e:  # noqa: BLE001
-        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) \
-                and not os.environ.get("APO_RL_DEBUG"):
+        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) and not os.environ.get(
+            "APO_RL_DEBUG"
+        ):
             print(f"error: {e}", file=sys.stderr)
             print("(set APO_RL_DEBUG=1 for the full traceback)", file=sys.stderr)
             sys.exit(2)

@@ -16,6 +16,7 @@ Reads every run of ``<sweep_dir>/<task>/<algorithm>/seed<k>/`` (``csv/metrics.cs
 Metrics come from Lightning's CSV log: training rows are keyed by ``rl_step`` (1..N), held-out
 evaluations by ``eval/step`` (the RL step they were made at: 0, every N, the last).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ TRAIN_KEYS = ("reward", "accuracy", "kl", "beta", "entropy", "completions/mean_l
 PLOTS = (  # file stem, title, [(metric, source, panel label)]
     ("accuracy", "held-out accuracy", [("{metric}", "eval", None)]),
     ("reward", "training reward (batch mean)", [("reward", "train", None)]),
-    ("kl_beta", "KL to the reference and KL weight",
-     [("kl", "train", "KL (per token)"), ("beta/effective|beta", "train", "beta (APO: mean effective beta_i)")]),
+    (
+        "kl_beta",
+        "KL to the reference and KL weight",
+        [("kl", "train", "KL (per token)"), ("beta/effective|beta", "train", "beta (APO: mean effective beta_i)")],
+    ),
     ("entropy", "policy entropy on sampled tokens (nats)", [("entropy", "train", None)]),
     ("length", "response length (tokens, batch mean)", [("completions/mean_length", "train", None)]),
 )
@@ -75,16 +79,22 @@ def summarize_run(run_dir: Path, metric: str = "eval/accuracy", threshold: float
         raise ValueError(f"{run_dir}: no held-out evaluation in csv/metrics.csv (column eval/step)")
     steps = sorted(evals)
     series = [(s, evals[s].get(metric)) for s in steps if evals[s].get(metric) is not None]
-    out: dict[str, Any] = {"metric": metric, "final": evals[steps[-1]], "initial": evals[steps[0]],
-                           "eval_steps": steps, "train_steps": len(train)}
+    out: dict[str, Any] = {
+        "metric": metric,
+        "final": evals[steps[-1]],
+        "initial": evals[steps[0]],
+        "eval_steps": steps,
+        "train_steps": len(train),
+    }
     out["best"] = max((v for _, v in series), default=None)
     out["best_step"] = max(series, key=lambda sv: sv[1])[0] if series else None
-    out["steps_to_threshold"] = None if threshold is None else \
-        next((s for s, v in series if v >= float(threshold)), None)
+    out["steps_to_threshold"] = (
+        None if threshold is None else next((s for s, v in series if v >= float(threshold)), None)
+    )
     out["threshold"] = threshold
     if train:
         ts = sorted(train)
-        tail = ts[-max(1, len(ts) // 10):]
+        tail = ts[-max(1, len(ts) // 10) :]
         for k in TRAIN_KEYS:
             vals = [train[s][k] for s in tail if k in train[s]]
             if vals:
@@ -108,10 +118,17 @@ def collect(sweep_dir: Path) -> tuple[dict, list[dict]]:
     suite = _load_suite(sweep_dir)
     metric = (suite.get("eval") or {}).get("metric", "eval/accuracy")
     threshold = (suite.get("eval") or {}).get("threshold")
-    expected = [(t, a, int(s)) for t in (suite.get("tasks") or {}) for a in suite.get("algorithms", [])
-                for s in suite.get("seeds", [])]
-    found = [(p.parent.parent.name, p.parent.name, int(p.name[4:]))
-             for p in sorted(sweep_dir.glob("*/*/seed*")) if p.is_dir() and p.name[4:].isdigit()]
+    expected = [
+        (t, a, int(s))
+        for t in (suite.get("tasks") or {})
+        for a in suite.get("algorithms", [])
+        for s in suite.get("seeds", [])
+    ]
+    found = [
+        (p.parent.parent.name, p.parent.name, int(p.name[4:]))
+        for p in sorted(sweep_dir.glob("*/*/seed*"))
+        if p.is_dir() and p.name[4:].isdigit()
+    ]
     keys = list(dict.fromkeys(expected + found))
     runs = []
     for task, algo, seed in keys:
@@ -151,31 +168,41 @@ def table_rows(runs: list[dict], algorithms: list[str], metric: str, threshold) 
         ok = [r for r in rs if r["status"] == "done"]
         sm = [r["summary"] for r in ok]
         reached = [s["steps_to_threshold"] for s in sm if s.get("steps_to_threshold") is not None]
-        if threshold is None:
-            thr = "—"
-        elif not ok:
+        if threshold is None or not ok:
             thr = "—"
         elif reached:
             thr = f"{_ms([float(x) for x in reached], '{:.0f}')} ({len(reached)}/{len(ok)})"
         else:
             thr = f"not reached (0/{len(ok)})"
-        rows.append([
-            algo, f"{len(ok)}/{len(rs)}",
-            _ms([s["initial"].get(metric) for s in sm]),
-            _ms([s["final"].get(metric) for s in sm]),
-            _ms([s.get("best") for s in sm]),
-            thr,
-            _ms([s["final"].get("eval/accuracy") for s in sm]),
-            _ms([s.get("last10pct/completions/mean_length") for s in sm], "{:.1f}"),
-            _ms([s.get("last10pct/kl") for s in sm], "{:.4f}"),
-        ])
+        rows.append(
+            [
+                algo,
+                f"{len(ok)}/{len(rs)}",
+                _ms([s["initial"].get(metric) for s in sm]),
+                _ms([s["final"].get(metric) for s in sm]),
+                _ms([s.get("best") for s in sm]),
+                thr,
+                _ms([s["final"].get("eval/accuracy") for s in sm]),
+                _ms([s.get("last10pct/completions/mean_length") for s in sm], "{:.1f}"),
+                _ms([s.get("last10pct/kl") for s in sm], "{:.4f}"),
+            ]
+        )
     return rows
 
 
 def table_columns(metric: str, threshold) -> list[str]:
     thr = f"steps to {metric} ≥ {threshold}" if threshold is not None else "steps to threshold"
-    return ["algorithm", "runs ok", f"{metric} at step 0", f"final {metric}", f"best {metric}", thr,
-            "final eval/accuracy (greedy)", "response length (last 10%)", "KL (last 10%)"]
+    return [
+        "algorithm",
+        "runs ok",
+        f"{metric} at step 0",
+        f"final {metric}",
+        f"best {metric}",
+        thr,
+        "final eval/accuracy (greedy)",
+        "response length (last 10%)",
+        "KL (last 10%)",
+    ]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -190,7 +217,10 @@ def _series(run: dict, key: str, source: str) -> dict[int, float]:
     if source == "train" and SMOOTH > 1 and pts:
         steps = sorted(pts)
         vals = [pts[s] for s in steps]
-        sm = [sum(vals[max(0, i - SMOOTH + 1):i + 1]) / len(vals[max(0, i - SMOOTH + 1):i + 1]) for i in range(len(vals))]
+        sm = [
+            sum(vals[max(0, i - SMOOTH + 1) : i + 1]) / len(vals[max(0, i - SMOOTH + 1) : i + 1])
+            for i in range(len(vals))
+        ]
         pts = dict(zip(steps, sm))
     return pts
 
@@ -210,8 +240,7 @@ def plot_task(task: str, runs: list[dict], algorithms: list[str], metric: str, o
         for ax, (key, source, label) in zip(axes[0], panels):
             key = key.format(metric=metric)
             for ci, algo in enumerate(algorithms):
-                per_seed = [_series(r, key, source) for r in runs
-                            if r["algorithm"] == algo and r["status"] == "done"]
+                per_seed = [_series(r, key, source) for r in runs if r["algorithm"] == algo and r["status"] == "done"]
                 per_seed = [p for p in per_seed if p]
                 if not per_seed:
                     continue
@@ -221,7 +250,9 @@ def plot_task(task: str, runs: list[dict], algorithms: list[str], metric: str, o
                     v = [p[s] for p in per_seed if s in p]
                     m = statistics.mean(v)
                     sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                    mean.append(m); lo.append(m - sd); hi.append(m + sd)  # noqa: E702
+                    mean.append(m)
+                    lo.append(m - sd)
+                    hi.append(m + sd)  # noqa: E702
                 c = colors(ci % 10)
                 marker = "o" if source == "eval" else None
                 ax.plot(steps, mean, color=c, marker=marker, ms=3, lw=1.5, label=f"{algo} (n={len(per_seed)})")
@@ -233,8 +264,9 @@ def plot_task(task: str, runs: list[dict], algorithms: list[str], metric: str, o
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, loc="best")
         smooth = f"; rolling mean over {SMOOTH} steps" if any(p[1] == "train" for p in panels) and SMOOTH > 1 else ""
-        fig.suptitle(f"{task}: {title.replace('held-out accuracy', metric)}\n(mean ± std over seeds{smooth})",
-                     fontsize=9)
+        fig.suptitle(
+            f"{task}: {title.replace('held-out accuracy', metric)}\n(mean ± std over seeds{smooth})", fontsize=9
+        )
         fig.tight_layout()
         path = out_dir / f"{task}_{stem}.png"
         if drawn:
@@ -264,24 +296,31 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
     if suite.get("description"):
         md += [str(suite["description"]).strip(), ""]
     n_ok = sum(r["status"] == "done" for r in runs)
-    md += [f"Sweep directory: `{sweep_dir}`. Runs: {n_ok}/{len(runs)} finished "
-           f"({len(tasks)} task(s) x {len(algorithms)} algorithm(s) x {len(suite.get('seeds') or [])} seed(s)); "
-           f"budget {suite.get('steps', '?')} RL steps per run.", "",
-           f"Cells are mean ± std over the seeds that finished. `{metric}` is measured on the held-out split "
-           f"(eval every {ev.get('every', '?')} steps on {ev.get('size', '?')} questions, pass@{ev.get('pass_k', 1)} "
-           f"from {ev.get('samples') or ev.get('pass_k', 1)} samples); \"steps to ≥ {threshold}\" is the first evaluation "
-           "step at which a run reached it (over the runs that did; k/n = how many did). Response length and KL are "
-           "training-batch means over the last 10% of the steps.", ""]
+    md += [
+        f"Sweep directory: `{sweep_dir}`. Runs: {n_ok}/{len(runs)} finished "
+        f"({len(tasks)} task(s) x {len(algorithms)} algorithm(s) x {len(suite.get('seeds') or [])} seed(s)); "
+        f"budget {suite.get('steps', '?')} RL steps per run.",
+        "",
+        f"Cells are mean ± std over the seeds that finished. `{metric}` is measured on the held-out split "
+        f"(eval every {ev.get('every', '?')} steps on {ev.get('size', '?')} questions, pass@{ev.get('pass_k', 1)} "
+        f'from {ev.get("samples") or ev.get("pass_k", 1)} samples); "steps to ≥ {threshold}" is the first evaluation '
+        "step at which a run reached it (over the runs that did; k/n = how many did). Response length and KL are "
+        "training-batch means over the last 10% of the steps.",
+        "",
+    ]
     walls = [r["wall_s"] for r in runs if r["status"] == "done" and r.get("wall_s")]
     cpus = [r["cpu_s"] for r in runs if r["status"] == "done" and r.get("cpu_s")]
     if walls:
-        line = (f"Run time: {statistics.mean(walls):.0f} s wall per run on average"
-                + (f" ({statistics.mean(cpus):.0f} s CPU)" if cpus else ""))
+        line = f"Run time: {statistics.mean(walls):.0f} s wall per run on average" + (
+            f" ({statistics.mean(cpus):.0f} s CPU)" if cpus else ""
+        )
         try:
             st = json.loads((sweep_dir / "sweep_status.json").read_text())
             if st.get("done"):
-                line += (f"; the last `benchmarks.run` took {st['wall_s'] / 60:.1f} min wall for {st['done']} run(s) "
-                         f"({st.get('jobs', 1)} at a time, {st.get('skipped', 0)} skipped as finished before)")
+                line += (
+                    f"; the last `benchmarks.run` took {st['wall_s'] / 60:.1f} min wall for {st['done']} run(s) "
+                    f"({st.get('jobs', 1)} at a time, {st.get('skipped', 0)} skipped as finished before)"
+                )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass
         md += [line + ".", ""]
@@ -313,7 +352,9 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
         try:
             log_to_wandb(sweep_dir, suite, tables, plots, runs)
         except Exception as e:  # noqa: BLE001 - the Markdown report stands without W&B
-            print(f"benchmarks.report: W&B logging failed ({type(e).__name__}: {e}); report.md written", file=sys.stderr)
+            print(
+                f"benchmarks.report: W&B logging failed ({type(e).__name__}: {e}); report.md written", file=sys.stderr
+            )
     return path
 
 
@@ -325,17 +366,26 @@ def log_to_wandb(sweep_dir: Path, suite: dict, tables, plots, runs) -> None:
     lg = suite.get("logger") or {}
     os.environ.setdefault("WANDB_SILENT", "true")
     group = suite.get("group") or sweep_dir.name
-    run = wandb.init(project=lg.get("project", "apo-rl"), group=group, name=f"{group}-report", job_type="report",
-                     dir=str(sweep_dir), mode=lg.get("wandb_mode", "offline"), config={"suite": suite}, reinit=True)
+    run = wandb.init(
+        project=lg.get("project", "apo-rl"),
+        group=group,
+        name=f"{group}-report",
+        job_type="report",
+        dir=str(sweep_dir),
+        mode=lg.get("wandb_mode", "offline"),
+        config={"suite": suite},
+        reinit=True,
+    )
     try:
         payload: dict[str, Any] = {}
         for task, (cols, rows) in tables.items():
             payload[f"report/{task}/table"] = wandb.Table(columns=cols, data=rows)
             for p in plots.get(task, []):
-                payload[f"report/{task}/{p.stem[len(task) + 1:]}"] = wandb.Image(str(p))
+                payload[f"report/{task}/{p.stem[len(task) + 1 :]}"] = wandb.Image(str(p))
         payload["report/runs"] = wandb.Table(
             columns=["task", "algorithm", "seed", "status", "error"],
-            data=[[r["task"], r["algorithm"], r["seed"], r["status"], r.get("error") or ""] for r in runs])
+            data=[[r["task"], r["algorithm"], r["seed"], r["status"], r.get("error") or ""] for r in runs],
+        )
         run.log(payload)
     finally:
         run.finish()

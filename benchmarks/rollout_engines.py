@@ -11,6 +11,7 @@ On CPU vLLM needs ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache) and, in-process,
 models on CPU (its Qwen2-VL code needs torchvision). Also printed: each engine's start-up
 time and, for vLLM, the in-place weight sync time. Record results in benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     a = ap.parse_args()
-    for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}.items():
+    for k, v in {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }.items():
         os.environ.setdefault(k, v)
 
     import framework.rollout  # noqa: F401  registers the engines
@@ -66,17 +71,24 @@ def main() -> None:
     prompts = encode_prompts(bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}"))
     sp = SamplingParams(temperature=a.temperature, max_new_tokens=a.max_new_tokens)
     P = int(prompts.inputs["attention_mask"].sum(-1).float().mean())
-    print(f"model={a.model} data={a.data} device={a.device} dtype={a.dtype} batch={a.prompts}x{a.group_size} "
-          f"prompt tokens (mean)={P} max_new_tokens={a.max_new_tokens} temperature={a.temperature} "
-          f"torch threads={torch.get_num_threads()}")
+    print(
+        f"model={a.model} data={a.data} device={a.device} dtype={a.dtype} batch={a.prompts}x{a.group_size} "
+        f"prompt tokens (mean)={P} max_new_tokens={a.max_new_tokens} temperature={a.temperature} "
+        f"torch threads={torch.get_num_threads()}"
+    )
     rows = []
     for name in [e.strip() for e in a.engines.split(",") if e.strip()]:
-        rcfg = RolloutConfig(engine=name, max_new_tokens=a.max_new_tokens, gpu_memory_utilization=a.gpu_memory_utilization,
-                             max_model_len=2048, dtype=None)
+        rcfg = RolloutConfig(
+            engine=name,
+            max_new_tokens=a.max_new_tokens,
+            gpu_memory_utilization=a.gpu_memory_utilization,
+            max_model_len=2048,
+            dtype=None,
+        )
         t0 = time.perf_counter()
         engine = ROLLOUT_ENGINES.get(name)(rcfg, bundle, model)
         start = time.perf_counter() - t0
-        engine.generate(prompts, a.group_size, sp)   # warm-up
+        engine.generate(prompts, a.group_size, sp)  # warm-up
         secs, toks = [], []
         for _ in range(a.repeats):
             t0 = time.perf_counter()
@@ -90,7 +102,9 @@ def main() -> None:
         s, n = sum(secs) / len(secs), sum(toks) / len(toks)
         rows.append((name, start, s, n, n / s, sync))
         engine.close()
-    print("| engine | start-up (s) | rollout (s) | completion tokens | tokens/s | weight sync |\n|---|---|---|---|---|---|")
+    print(
+        "| engine | start-up (s) | rollout (s) | completion tokens | tokens/s | weight sync |\n|---|---|---|---|---|---|"
+    )
     for name, start, s, n, tps, sync in rows:
         print(f"| {name} | {start:.1f} | {s:.3f} | {n:.0f} | {tps:,.0f} | {sync or '-'} |")
 

@@ -17,6 +17,7 @@ The exit status is 1 when a run failed. ``suite.jobs=N`` runs N processes at a t
 (``suite.env`` sets environment variables for them, e.g. ``OMP_NUM_THREADS``); for a cluster use Hydra's launchers on ``python -m framework.run -m ...`` (see README, "Benchmark
 suites").
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ class Run:
     seed: int
     run_dir: Path
     command: list[str]
-    status: str = "pending"      # pending | done | skipped | failed
+    status: str = "pending"  # pending | done | skipped | failed
     error: str | None = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
@@ -93,20 +94,36 @@ def plan(s: dict, sweep_dir: Path) -> list[Run]:
         for algo in s["algorithms"]:
             for seed in s["seeds"]:
                 run_dir = sweep_dir / task / algo / f"seed{seed}"
-                base = [f"algorithm={algo}", f"seed={seed}", f"trainer.max_steps={s['steps']}",
-                        "trainer.progress_bar=false"]
-                evo = [f"trainer.{k}={ev[v]}" for k, v in (("eval_every", "every"), ("eval_size", "size"),
-                                                            ("eval_pass_k", "pass_k")) if ev.get(v) is not None]
+                base = [
+                    f"algorithm={algo}",
+                    f"seed={seed}",
+                    f"trainer.max_steps={s['steps']}",
+                    "trainer.progress_bar=false",
+                ]
+                evo = [
+                    f"trainer.{k}={ev[v]}"
+                    for k, v in (("eval_every", "every"), ("eval_size", "size"), ("eval_pass_k", "pass_k"))
+                    if ev.get(v) is not None
+                ]
                 if ev.get("samples") is not None:
                     evo.append(f"trainer.eval_samples={ev['samples']}")
-                log = [f"logger.wandb={str(bool(lg.get('wandb', True))).lower()}",
-                       f"logger.wandb_mode={lg.get('wandb_mode', 'offline')}",
-                       f"logger.project={lg.get('project', 'apo-rl')}", f"logger.group={group}",
-                       f"logger.name={task}-{algo}-seed{seed}",
-                       f"logger.tags=[{s['name']},{task},{algo},seed{seed}]"]
-                overrides = merge_overrides(base, evo, s.get("overrides"), task_overrides,
-                                            (s.get("algorithm_overrides") or {}).get(algo), log,
-                                            [f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"])
+                log = [
+                    f"logger.wandb={str(bool(lg.get('wandb', True))).lower()}",
+                    f"logger.wandb_mode={lg.get('wandb_mode', 'offline')}",
+                    f"logger.project={lg.get('project', 'apo-rl')}",
+                    f"logger.group={group}",
+                    f"logger.name={task}-{algo}-seed{seed}",
+                    f"logger.tags=[{s['name']},{task},{algo},seed{seed}]",
+                ]
+                overrides = merge_overrides(
+                    base,
+                    evo,
+                    s.get("overrides"),
+                    task_overrides,
+                    (s.get("algorithm_overrides") or {}).get(algo),
+                    log,
+                    [f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"],
+                )
                 runs.append(Run(task, algo, int(seed), run_dir, [sys.executable, "-m", "framework.run", *overrides]))
     return runs
 
@@ -116,9 +133,10 @@ def error_message(log_text: str, limit: int = 400) -> str:
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("error: "):
-            return ln[len("error: "):][:limit]
-    lines = [ln for ln in lines if not ln.startswith(("Set the environment variable HYDRA_FULL_ERROR",
-                                                      "(set APO_RL_DEBUG"))]
+            return ln[len("error: ") :][:limit]
+    lines = [
+        ln for ln in lines if not ln.startswith(("Set the environment variable HYDRA_FULL_ERROR", "(set APO_RL_DEBUG"))
+    ]
     for i in range(len(lines) - 1, -1, -1):  # the last exception line of a traceback
         head = lines[i].split(":", 1)[0]
         if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
@@ -158,14 +176,19 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     with open(run.run_dir / LOG, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(run.command) + "\n")
         log.flush()
-        proc = subprocess.Popen(run.command, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                     **{str(k): str(v) for k, v in (s.get("env") or {}).items()}})
+        proc = subprocess.Popen(
+            run.command,
+            cwd=str(ROOT),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **{str(k): str(v) for k, v in (s.get("env") or {}).items()}},
+        )
         timed_out = threading.Event()
 
         def kill():
             timed_out.set()
             proc.kill()
+
         timer = threading.Timer(float(timeout), kill) if timeout else None
         if timer:
             timer.start()
@@ -182,27 +205,52 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     ev = s.get("eval") or {}
     if rc == 0:
         try:
-            run.summary = summarize_run(run.run_dir, metric=ev.get("metric", "eval/accuracy"),
-                                        threshold=ev.get("threshold"))
+            run.summary = summarize_run(
+                run.run_dir, metric=ev.get("metric", "eval/accuracy"), threshold=ev.get("threshold")
+            )
         except Exception as e:  # noqa: BLE001 - a run without metrics counts as failed
             rc, text = -1, f"error: the run finished but its metrics could not be read: {e}"
     if rc == 0:
         run.status = "done"
-        (run.run_dir / DONE).write_text(json.dumps({"status": "done", "task": run.task, "algorithm": run.algorithm,
-                                                     "seed": run.seed, "wall_s": round(run.wall_s, 1),
-                                                     "cpu_s": round(run.cpu_s, 1), "summary": run.summary, "command": cmd_args}, indent=2))
+        (run.run_dir / DONE).write_text(
+            json.dumps(
+                {
+                    "status": "done",
+                    "task": run.task,
+                    "algorithm": run.algorithm,
+                    "seed": run.seed,
+                    "wall_s": round(run.wall_s, 1),
+                    "cpu_s": round(run.cpu_s, 1),
+                    "summary": run.summary,
+                    "command": cmd_args,
+                },
+                indent=2,
+            )
+        )
     else:
         run.status = "failed"
         run.error = f"timed out after {timeout} s" if rc is None else error_message(text)
-        (run.run_dir / FAILED).write_text(json.dumps({"status": "failed", "task": run.task, "algorithm": run.algorithm,
-                                                       "seed": run.seed, "returncode": rc, "error": run.error,
-                                                       "wall_s": round(run.wall_s, 1), "command": cmd_args}, indent=2))
+        (run.run_dir / FAILED).write_text(
+            json.dumps(
+                {
+                    "status": "failed",
+                    "task": run.task,
+                    "algorithm": run.algorithm,
+                    "seed": run.seed,
+                    "returncode": rc,
+                    "error": run.error,
+                    "wall_s": round(run.wall_s, 1),
+                    "command": cmd_args,
+                },
+                indent=2,
+            )
+        )
     return run
 
 
 def run_suite(cfg: DictConfig) -> list[Run]:
     s = suite_dict(cfg)
-    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()   # relative to the current directory
+    sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()  # relative to the current directory
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(s, sweep_dir)
     if cfg.get("dry_run"):
@@ -210,9 +258,12 @@ def run_suite(cfg: DictConfig) -> list[Run]:
             print(" ".join(r.command))
         return runs
     (sweep_dir / SUITE_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(s)))
-    print(f"benchmarks.run: suite '{s['name']}': {len(runs)} runs "
-          f"({len(s['tasks'])} task(s) x {len(s['algorithms'])} algorithm(s) x {len(s['seeds'])} seed(s)) "
-          f"-> {sweep_dir}", flush=True)
+    print(
+        f"benchmarks.run: suite '{s['name']}': {len(runs)} runs "
+        f"({len(s['tasks'])} task(s) x {len(s['algorithms'])} algorithm(s) x {len(s['seeds'])} seed(s)) "
+        f"-> {sweep_dir}",
+        flush=True,
+    )
     lock = threading.Lock()
     counter = iter(range(1, len(runs) + 1))
     metric = (s.get("eval") or {}).get("metric", "eval/accuracy")
@@ -225,9 +276,10 @@ def run_suite(cfg: DictConfig) -> list[Run]:
                 msg = f"FAILED ({r.error})"
             else:
                 fin = r.summary.get("final", {}).get(metric)
-                msg = (f"{'skipped (finished before)' if r.status == 'skipped' else 'done'} in {r.wall_s:.0f} s "
-                       f"(CPU {r.cpu_s:.0f} s)"
-                       + (f", final {metric} {fin:.3f}" if isinstance(fin, (int, float)) else ""))
+                msg = (
+                    f"{'skipped (finished before)' if r.status == 'skipped' else 'done'} in {r.wall_s:.0f} s "
+                    f"(CPU {r.cpu_s:.0f} s)" + (f", final {metric} {fin:.3f}" if isinstance(fin, (int, float)) else "")
+                )
             print(f"[{i}/{len(runs)}] {r.name}: {msg}", flush=True)
         return r
 
@@ -240,12 +292,31 @@ def run_suite(cfg: DictConfig) -> list[Run]:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(one, runs))
     n = {k: sum(r.status == k for r in runs) for k in ("done", "skipped", "failed")}
-    print(f"benchmarks.run: {n['done']} done, {n['skipped']} skipped (finished before), {n['failed']} failed "
-          f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    (sweep_dir / "sweep_status.json").write_text(json.dumps({
-        "wall_s": round(time.perf_counter() - t0, 1), "jobs": jobs, **n,
-        "runs": [{"run": r.name, "status": r.status, "error": r.error, "wall_s": round(r.wall_s, 1),
-                  "cpu_s": round(r.cpu_s, 1)} for r in runs]}, indent=2))
+    print(
+        f"benchmarks.run: {n['done']} done, {n['skipped']} skipped (finished before), {n['failed']} failed "
+        f"in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    (sweep_dir / "sweep_status.json").write_text(
+        json.dumps(
+            {
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "jobs": jobs,
+                **n,
+                "runs": [
+                    {
+                        "run": r.name,
+                        "status": r.status,
+                        "error": r.error,
+                        "wall_s": round(r.wall_s, 1),
+                        "cpu_s": round(r.cpu_s, 1),
+                    }
+                    for r in runs
+                ],
+            },
+            indent=2,
+        )
+    )
     if cfg.get("report", True):
         from benchmarks.report import write_report
 

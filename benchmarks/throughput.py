@@ -8,6 +8,7 @@ Measures the same code the trainer runs: the rollout engine's generate (G comple
 prompt), the chunked log-prob forward without grad (reference / old policy), and
 forward+backward of the policy loss. Record results in benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,14 @@ def main() -> None:
     path = resolve_path(a.model)
     bundle = load_model_bundle(path)
     model = load_model(path, a.dtype).to(a.device)
-    dcfg = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / f"{a.data}.yaml"))
+    dcfg = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / f"{a.data}.yaml")
+    )
     dcfg.pop("defaults", None)
     if a.data == "synthetic_text":
-        base = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml"))
+        base = OmegaConf.to_container(
+            OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml")
+        )
         dcfg = {**base, **dcfg}
     ds = load_data(dcfg)["test"]
     recs = [to_record(ds[i]) for i in range(a.prompts)]
@@ -59,7 +64,9 @@ def main() -> None:
         gen = engine.generate(prompts, a.group_size, sp)
         t1 = time.perf_counter()
         ntok = float(gen.completion_mask.sum())
-        pin = {k: v.to(a.device) for k, v in expand_inputs(prompts.inputs, a.group_size, prompts.images_per_sample).items()}
+        pin = {
+            k: v.to(a.device) for k, v in expand_inputs(prompts.inputs, a.group_size, prompts.images_per_sample).items()
+        }
         kw = training_inputs(pin, gen.completion_ids.to(a.device), gen.completion_mask.to(a.device), model)
         with torch.no_grad():
             completion_logprobs(model, kw, gen.completion_ids.shape[1], with_entropy=False)
@@ -71,9 +78,11 @@ def main() -> None:
         rows.append((ntok, t1 - t0, t2 - t1, t3 - t2))
     n = len(rows)
     ntok = sum(r[0] for r in rows) / n
-    print(f"model={a.model} engine={a.engine} device={a.device} dtype={a.dtype} "
-          f"batch={a.prompts}x{a.group_size} max_new_tokens={a.max_new_tokens}")
-    print(f"| phase | seconds | completion tokens/s |\n|---|---|---|")
+    print(
+        f"model={a.model} engine={a.engine} device={a.device} dtype={a.dtype} "
+        f"batch={a.prompts}x{a.group_size} max_new_tokens={a.max_new_tokens}"
+    )
+    print("| phase | seconds | completion tokens/s |\n|---|---|---|")
     for name, i in (("rollout (generate)", 1), ("log-probs, no grad", 2), ("update (fwd+bwd)", 3)):
         s = sum(r[i] for r in rows) / n
         print(f"| {name} | {s:.3f} | {ntok / s:,.0f} |")

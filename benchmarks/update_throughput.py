@@ -11,6 +11,7 @@ tokens / time / peak FLOP/s (N_text: the language model's parameters, as in the 
 measurement in ../shared/bench), peak memory, and the time of each phase. Compare with the
 plain-PyTorch anchor (``python3 ../shared/bench/gpu_anchor.py``) in the same job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from algorithms.base import build_algorithm
 from framework.logprobs import completion_logprobs
 from framework.types import LossNormalizer, Rollout
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 def build(arch: str, dtype: torch.dtype, device: str, grad_ckpt: bool, attn: str):
@@ -32,9 +33,11 @@ def build(arch: str, dtype: torch.dtype, device: str, grad_ckpt: bool, attn: str
         from transformers import AutoConfig
 
         from framework.models.loading import resolve_path
+
         cfg = AutoConfig.from_pretrained(resolve_path("tiny:qwen2_5_vl"))
     else:
         from framework.models.architectures import get
+
         cfg = get(arch)
     cfg._attn_implementation = attn
     torch.manual_seed(0)
@@ -78,8 +81,10 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=fused)
     algo = build_algorithm({"name": a.algorithm}, total_steps=100)
     vocab = cfg.text_config.vocab_size if hasattr(cfg, "text_config") else cfg.vocab_size
-    print(f"arch={a.arch} device={a.device} dtype={a.dtype} grad_ckpt={not a.no_grad_ckpt} chunk={a.chunk} "
-          f"algorithm={a.algorithm} N_text={n_text / 1e9:.3f}B peak={peak} TFLOP/s")
+    print(
+        f"arch={a.arch} device={a.device} dtype={a.dtype} grad_ckpt={not a.no_grad_ckpt} chunk={a.chunk} "
+        f"algorithm={a.algorithm} N_text={n_text / 1e9:.3f}B peak={peak} TFLOP/s"
+    )
     print("| B x L | tokens/s | MFU | peak GiB | fwd s | bwd s | optim s |\n|---|---|---|---|---|---|---|")
     for shape in a.shapes.split(","):
         B, L = (int(x) for x in shape.lower().split("x"))
@@ -90,8 +95,14 @@ def main() -> None:
         kw = {"input_ids": ids, "attention_mask": att, "position_ids": torch.arange(L, device=a.device).expand(B, L)}
         mask = torch.ones(B, T)
         G = min(8, B)
-        rollout = Rollout(completion_ids=ids[:, P:].cpu(), completion_mask=mask, group_ids=torch.arange(B) // G,
-                          rewards=torch.randn(B, generator=g), correct=torch.zeros(B), truncated=torch.zeros(B, dtype=torch.bool))
+        rollout = Rollout(
+            completion_ids=ids[:, P:].cpu(),
+            completion_mask=mask,
+            group_ids=torch.arange(B) // G,
+            rewards=torch.randn(B, generator=g),
+            correct=torch.zeros(B),
+            truncated=torch.zeros(B, dtype=torch.bool),
+        )
         algo.prepare(rollout, step=0)
         rollout.logp_ref = -torch.rand(B, T, generator=g) * 5 if algo.needs_reference else None
         mb = rollout.select(torch.arange(B))
@@ -117,7 +128,7 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 sync(a.device)
                 t3 = time.perf_counter()
-                if i:   # the first step warms up (allocator, kernels, optimizer state)
+                if i:  # the first step warms up (allocator, kernels, optimizer state)
                     times.append((t1 - t0, t2 - t1, t3 - t2))
         except torch.OutOfMemoryError:
             print(f"| {B} x {L} | OOM | | | | | |")

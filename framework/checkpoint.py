@@ -7,6 +7,7 @@ Under ``trainer.strategy=fsdp`` with ``trainer.fsdp.sharded_checkpoint=true``, `
 is a folder of ``torch.distributed.checkpoint`` shards (one per rank, plus ``meta.pt``); it
 resumes under FSDP on any number of devices (the shards are re-split on load), and
 ``policy/`` is the gathered Hugging Face export."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,7 @@ class RLCheckpoint(L.Callback):
         from framework.distributed import full_state_dict_for_export, is_sharded
 
         d = self.root / f"step-{module.rl_step:06d}"
-        trainer.save_checkpoint(str(d / "state.ckpt"))   # FSDP: a folder with one shard per rank
+        trainer.save_checkpoint(str(d / "state.ckpt"))  # FSDP: a folder with one shard per rank
         # FSDP: the policy's shards gathered on every rank (a collective), written by rank 0
         full = full_state_dict_for_export(module.policy) if is_sharded(module.policy) else None
         if trainer.is_global_zero:
@@ -53,9 +54,13 @@ def resolve_resume(resume, strategy: str = "auto") -> str | None:
     if p.is_dir() and (p / "state.ckpt").exists():
         p = p / "state.ckpt"
     if not p.exists() or (p.is_dir() and not (p / "meta.pt").exists()):
-        raise ConfigError(f"resume={resume}: no checkpoint there (expected a checkpoints/step-NNNNNN folder or its state.ckpt)")
+        raise ConfigError(
+            f"resume={resume}: no checkpoint there (expected a checkpoints/step-NNNNNN folder or its state.ckpt)"
+        )
     if p.is_dir() and strategy != "fsdp":
-        raise ConfigError(f"resume={resume} is a sharded FSDP checkpoint: resume it with trainer=fsdp (any number of "
-                          f"devices, trainer.devices=N), or start a new run from its Hugging Face export with "
-                          f"model.name_or_path={p.parent / 'policy'}")
+        raise ConfigError(
+            f"resume={resume} is a sharded FSDP checkpoint: resume it with trainer=fsdp (any number of "
+            f"devices, trainer.devices=N), or start a new run from its Hugging Face export with "
+            f"model.name_or_path={p.parent / 'policy'}"
+        )
     return str(p)

@@ -5,6 +5,7 @@ the wrong type fails with the key's full name; ``validate`` methods check ranges
 allowed values. The algorithm section is validated by the algorithm's own ``Config``
 (see ``algorithms/base.py``) so that plugins bring their own options.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -13,9 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A bad config value; the message names the key and what is allowed."""
+from framework.errors import ConfigError  # noqa: F401  (raised here, importable from here)
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -51,8 +50,8 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 64
     stop: Optional[list[str]] = None
-    eval_temperature: float = 0.0          # greedy evaluation
-    seed_per_prompt: bool = False          # sample each prompt from its own seed (batch/rank independent)
+    eval_temperature: float = 0.0  # greedy evaluation
+    seed_per_prompt: bool = False  # sample each prompt from its own seed (batch/rank independent)
     # vLLM options (ignored by the hf engine)
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
@@ -60,12 +59,14 @@ class RolloutConfig:
     enforce_eager: bool = False
     sleep: bool = False
     dtype: Optional[str] = None
-    logp_diff_warn: float = 0.5            # warn when the sampler/trainer log-prob gap exceeds this
-    tis_cap: Optional[float] = None        # truncated importance-sampling correction cap (off: null)
+    logp_diff_warn: float = 0.5  # warn when the sampler/trainer log-prob gap exceeds this
+    tis_cap: Optional[float] = None  # truncated importance-sampling correction cap (off: null)
 
     def validate(self, p: str) -> None:
         if self.group_size < 2:
-            raise ConfigError(f"{p}.group_size={self.group_size} must be >= 2 (group-relative advantages need at least 2 samples per prompt)")
+            raise ConfigError(
+                f"{p}.group_size={self.group_size} must be >= 2 (group-relative advantages need at least 2 samples per prompt)"
+            )
         _positive(f"{p}.temperature", self.temperature, zero_ok=True)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{p}.top_p={self.top_p} must be in (0, 1]")
@@ -85,9 +86,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "constant"            # constant | cosine | linear
+    scheduler: str = "constant"  # constant | cosine | linear
     warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0              # cosine/linear decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio
     grad_clip: Optional[float] = 1.0
 
     def validate(self, p: str) -> None:
@@ -102,12 +103,13 @@ class OptimConfig:
 @dataclass
 class FSDPConfig:
     """``trainer.fsdp``: how ``trainer.strategy=fsdp`` shards (see framework/distributed.py)."""
-    mixed_precision: Optional[str] = "bf16"   # bf16 | fp16 | null: compute dtype; master weights stay in model.dtype
-    activation_checkpointing: bool = True     # recompute each block in the backward
-    cpu_offload: bool = False                 # parameters, gradients and optimizer state live on the CPU
-    reshard_after_forward: bool = True        # FULL_SHARD (false: SHARD_GRAD_OP, faster, more memory)
-    sharded_checkpoint: bool = True           # one shard per rank (resumes on any device count); false: full on rank 0
-    wrap: Optional[list[str]] = None          # block classes to shard (null: the model's _no_split_modules)
+
+    mixed_precision: Optional[str] = "bf16"  # bf16 | fp16 | null: compute dtype; master weights stay in model.dtype
+    activation_checkpointing: bool = True  # recompute each block in the backward
+    cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU
+    reshard_after_forward: bool = True  # FULL_SHARD (false: SHARD_GRAD_OP, faster, more memory)
+    sharded_checkpoint: bool = True  # one shard per rank (resumes on any device count); false: full on rank 0
+    wrap: Optional[list[str]] = None  # block classes to shard (null: the model's _no_split_modules)
 
     def validate(self, p: str) -> None:
         if self.mixed_precision is not None:
@@ -116,24 +118,24 @@ class FSDPConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 60                    # RL steps (rollout batches)
-    prompts_per_step: int = 8              # prompts per rollout batch (global, over all ranks)
-    micro_batch_size: int = 16             # completions per forward/backward
-    num_mini_batches: int = 1              # optimizer steps per rollout batch and epoch
+    max_steps: int = 60  # RL steps (rollout batches)
+    prompts_per_step: int = 8  # prompts per rollout batch (global, over all ranks)
+    micro_batch_size: int = 16  # completions per forward/backward
+    num_mini_batches: int = 1  # optimizer steps per rollout batch and epoch
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    eval_every: int = 10                   # RL steps between evaluations (0: only start and end)
-    eval_size: int = 200                   # test records used for evaluation
+    eval_every: int = 10  # RL steps between evaluations (0: only start and end)
+    eval_size: int = 200  # test records used for evaluation
     eval_batch_size: int = 64
-    eval_pass_k: int = 1                   # k of eval/pass@k (sampled at the rollout temperature)
-    eval_samples: Optional[int] = None     # n samples per prompt for pass@k / accuracy_sampled (null: = k)
-    save_every: int = 0                    # RL steps between checkpoints (0: only at the end)
+    eval_pass_k: int = 1  # k of eval/pass@k (sampled at the rollout temperature)
+    eval_samples: Optional[int] = None  # n samples per prompt for pass@k / accuracy_sampled (null: = k)
+    save_every: int = 0  # RL steps between checkpoints (0: only at the end)
     log_every: int = 1
-    log_completions_every: int = 10        # sample table to W&B every N steps (0: off)
-    on_nonfinite: str = "error"            # error | skip
+    log_completions_every: int = 10  # sample table to W&B every N steps (0: off)
+    on_nonfinite: str = "error"  # error | skip
     logprob_chunk_size: int = 1024
     num_workers: int = 0
     progress_bar: bool = True
@@ -142,29 +144,47 @@ class TrainerConfig:
     def validate(self, p: str) -> None:
         self.fsdp.validate(f"{p}.fsdp")
         if self.strategy == "fsdp" and str(self.precision) not in ("32-true", "32"):
-            raise ConfigError(f"{p}.precision={self.precision!r} with trainer.strategy=fsdp: keep 32-true and set the "
-                              f"compute dtype with {p}.fsdp.mixed_precision=bf16 (the weights' dtype is model.dtype)")
+            raise ConfigError(
+                f"{p}.precision={self.precision!r} with trainer.strategy=fsdp: keep 32-true and set the "
+                f"compute dtype with {p}.fsdp.mixed_precision=bf16 (the weights' dtype is model.dtype)"
+            )
         if self.strategy == "fsdp" and not (isinstance(self.devices, int) and self.devices > 0):
-            raise ConfigError(f"{p}.devices={self.devices!r}: trainer.strategy=fsdp needs the number of devices per "
-                              "node as a positive integer (e.g. trainer.devices=8)")
-        for k in ("max_steps", "prompts_per_step", "micro_batch_size", "num_mini_batches", "eval_size",
-                  "eval_batch_size", "eval_pass_k", "log_every", "logprob_chunk_size", "num_nodes"):
+            raise ConfigError(
+                f"{p}.devices={self.devices!r}: trainer.strategy=fsdp needs the number of devices per "
+                "node as a positive integer (e.g. trainer.devices=8)"
+            )
+        for k in (
+            "max_steps",
+            "prompts_per_step",
+            "micro_batch_size",
+            "num_mini_batches",
+            "eval_size",
+            "eval_batch_size",
+            "eval_pass_k",
+            "log_every",
+            "logprob_chunk_size",
+            "num_nodes",
+        ):
             _positive(f"{p}.{k}", getattr(self, k))
         for k in ("eval_every", "save_every", "log_completions_every", "num_workers"):
             _positive(f"{p}.{k}", getattr(self, k), zero_ok=True)
         _choice(f"{p}.on_nonfinite", self.on_nonfinite, {"error", "skip"})
         if self.eval_samples is not None and self.eval_samples < self.eval_pass_k:
-            raise ConfigError(f"{p}.eval_samples={self.eval_samples} must be >= {p}.eval_pass_k={self.eval_pass_k} "
-                              "(pass@k needs at least k samples per prompt; null uses k)")
+            raise ConfigError(
+                f"{p}.eval_samples={self.eval_samples} must be >= {p}.eval_pass_k={self.eval_pass_k} "
+                "(pass@k needs at least k samples per prompt; null uses k)"
+            )
         if self.prompts_per_step % self.num_mini_batches:
-            raise ConfigError(f"{p}.prompts_per_step={self.prompts_per_step} must be divisible by "
-                              f"{p}.num_mini_batches={self.num_mini_batches} (groups are not split)")
+            raise ConfigError(
+                f"{p}.prompts_per_step={self.prompts_per_step} must be divisible by "
+                f"{p}.num_mini_batches={self.num_mini_batches} (groups are not split)"
+            )
 
 
 @dataclass
 class LoggerConfig:
     wandb: bool = True
-    wandb_mode: str = "offline"            # offline | online | disabled
+    wandb_mode: str = "offline"  # offline | online | disabled
     project: str = "apo-rl"
     group: Optional[str] = None
     name: Optional[str] = None
@@ -175,8 +195,13 @@ class LoggerConfig:
         _choice(f"{p}.wandb_mode", self.wandb_mode, {"offline", "online", "disabled"})
 
 
-SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "optim": OptimConfig,
-            "trainer": TrainerConfig, "logger": LoggerConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "rollout": RolloutConfig,
+    "optim": OptimConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
 
 
 def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
@@ -187,7 +212,7 @@ def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or str(e).split("'")[1]
         parent, where = schema, prefix
-        for part in str(key).split(".")[:-1]:   # a nested section (trainer.fsdp): list its keys
+        for part in str(key).split(".")[:-1]:  # a nested section (trainer.fsdp): list its keys
             ft = {f.name: f.type for f in fields(parent)}.get(part)
             ft = globals().get(ft, ft) if isinstance(ft, str) else ft
             if not is_dataclass(ft):

@@ -23,6 +23,7 @@ sums gradients once before the optimizer step; FSDP reduce-scatters (averages) o
 backward, so the module scales each loss by the world size. Both give the gradient of the
 global-batch loss (the loss uses global token/sequence counts).
 """
+
 from __future__ import annotations
 
 import types
@@ -52,8 +53,12 @@ class FSDPStrategy(ModelParallelStrategy):
     CPU offload the sharded parameters stay on the CPU: the strategy must not move them."""
 
     def __init__(self, fsdp_cfg, world_size: int, **kw):
-        super().__init__(data_parallel_size=world_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=fsdp_cfg.sharded_checkpoint, **kw)
+        super().__init__(
+            data_parallel_size=world_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=fsdp_cfg.sharded_checkpoint,
+            **kw,
+        )
         self.fsdp_cfg = fsdp_cfg
 
     def model_to_device(self) -> None:
@@ -86,26 +91,38 @@ def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool)
     the model itself as the root unit. Adds ``model.apo_completion_logprobs``, the chunked
     log-prob computation registered as an FSDP forward method (it calls the backbone and the
     LM head directly, so the root unit must gather its parameters around it)."""
-    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                        register_fsdp_forward_method)
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     from framework.logprobs import completion_logprobs_unsharded
 
     mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fsdp_cfg.mixed_precision)
     kw: dict[str, Any] = dict(
-        mesh=mesh, reshard_after_forward=fsdp_cfg.reshard_after_forward,
+        mesh=mesh,
+        reshard_after_forward=fsdp_cfg.reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(param_dtype=mp, reduce_dtype=torch.float32 if mp else None),
-        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if fsdp_cfg.cpu_offload else OffloadPolicy(),
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if fsdp_cfg.cpu_offload
+        else OffloadPolicy(),
     )
     names = fsdp_cfg.wrap or getattr(model, "_no_split_modules", None)
     if not names:
-        raise ValueError(f"{type(model).__name__} names no blocks to shard (_no_split_modules is empty): "
-                         "set trainer.fsdp.wrap=[<block class name>, ...]")
+        raise ValueError(
+            f"{type(model).__name__} names no blocks to shard (_no_split_modules is empty): "
+            "set trainer.fsdp.wrap=[<block class name>, ...]"
+        )
     blocks = block_modules(model, names)
     if not blocks:
         found = sorted({type(m).__name__ for m in model.modules()})
-        raise ValueError(f"trainer.fsdp.wrap={sorted(names)}: no such module in {type(model).__name__}; "
-                         f"module classes there: {found}")
+        raise ValueError(
+            f"trainer.fsdp.wrap={sorted(names)}: no such module in {type(model).__name__}; "
+            f"module classes there: {found}"
+        )
     if trainable and fsdp_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -130,8 +147,9 @@ def full_state_dict_for_export(model: torch.nn.Module) -> dict[str, torch.Tensor
     ``save_pretrained`` writes them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                              broadcast_from_rank0=False))
+    sd = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+    )
     keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in sd.items() if k in keep}
 

@@ -20,11 +20,13 @@ For each batch of records the :class:`Evaluator` generates
 Correctness comes from the run's :class:`rewards.base.RewardSet` (its ``correctness``
 plugin), exactly as during training. Every metric is a torchmetrics ``MeanMetric``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torchmetrics
@@ -32,8 +34,15 @@ import torchmetrics
 from framework.rollout.base import SamplingParams
 from framework.rollout.inputs import encode_prompts
 
-METRICS = ("accuracy", "format", "mean_length", "mean_length_correct", "mean_length_incorrect",
-           "accuracy_sampled", "pass@k")
+METRICS = (
+    "accuracy",
+    "format",
+    "mean_length",
+    "mean_length_correct",
+    "mean_length_incorrect",
+    "accuracy_sampled",
+    "pass@k",
+)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,7 +66,7 @@ class EvalSettings:
     greedy: SamplingParams
     sampled: SamplingParams
     pass_k: int = 1
-    num_samples: int | None = None     # n samples per prompt (None: = pass_k)
+    num_samples: int | None = None  # n samples per prompt (None: = pass_k)
     batch_size: int = 64
 
     @property
@@ -68,21 +77,30 @@ class EvalSettings:
         if self.pass_k < 1:
             raise ValueError(f"eval pass_k={self.pass_k} must be >= 1")
         if self.n < self.pass_k:
-            raise ValueError(f"eval num_samples={self.num_samples} must be >= pass_k={self.pass_k} "
-                             "(pass@k needs at least k samples per prompt)")
+            raise ValueError(
+                f"eval num_samples={self.num_samples} must be >= pass_k={self.pass_k} "
+                "(pass@k needs at least k samples per prompt)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"eval batch_size={self.batch_size} must be >= 1")
 
 
-def settings_from_rollout(rollout_cfg: Any, *, pass_k: int = 1, num_samples: int | None = None,
-                          batch_size: int = 64) -> EvalSettings:
+def settings_from_rollout(
+    rollout_cfg: Any, *, pass_k: int = 1, num_samples: int | None = None, batch_size: int = 64
+) -> EvalSettings:
     """Greedy / sampled sampling parameters from a rollout config section."""
     r = rollout_cfg
     greedy = SamplingParams(temperature=r.eval_temperature, max_new_tokens=r.max_new_tokens, stop=r.stop)
-    sampled = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                             max_new_tokens=r.max_new_tokens, stop=r.stop)
-    return EvalSettings(greedy=greedy, sampled=sampled, pass_k=int(pass_k),
-                        num_samples=None if num_samples is None else int(num_samples), batch_size=int(batch_size))
+    sampled = SamplingParams(
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens, stop=r.stop
+    )
+    return EvalSettings(
+        greedy=greedy,
+        sampled=sampled,
+        pass_k=int(pass_k),
+        num_samples=None if num_samples is None else int(num_samples),
+        batch_size=int(batch_size),
+    )
 
 
 class Evaluator:
@@ -104,10 +122,25 @@ class Evaluator:
         self.details: list[dict] = []
 
     @classmethod
-    def from_config(cls, engine, bundle, rewards, data_cfg, rollout_cfg, *, pass_k: int = 1,
-                    num_samples: int | None = None, batch_size: int = 64) -> "Evaluator":
-        return cls(engine, bundle, rewards, data_cfg,
-                   settings_from_rollout(rollout_cfg, pass_k=pass_k, num_samples=num_samples, batch_size=batch_size))
+    def from_config(
+        cls,
+        engine,
+        bundle,
+        rewards,
+        data_cfg,
+        rollout_cfg,
+        *,
+        pass_k: int = 1,
+        num_samples: int | None = None,
+        batch_size: int = 64,
+    ) -> Evaluator:
+        return cls(
+            engine,
+            bundle,
+            rewards,
+            data_cfg,
+            settings_from_rollout(rollout_cfg, pass_k=pass_k, num_samples=num_samples, batch_size=batch_size),
+        )
 
     # ------------------------------------------------------------------ helpers
     def encode(self, records: Sequence[dict]):
@@ -116,7 +149,8 @@ class Evaluator:
     def _texts(self, gen) -> list[str]:
         return self.bundle.tokenizer.batch_decode(
             [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)],
-            skip_special_tokens=True)
+            skip_special_tokens=True,
+        )
 
     def reset(self) -> None:
         for m in self.metrics.values():
@@ -160,11 +194,18 @@ class Evaluator:
             m["mean_length_incorrect"].update(lengths[~ok])
         if keep_details:
             for i, r in enumerate(records):
-                self.details.append({
-                    "id": r.get("id"), "question": r.get("question"), "answer": r.get("answer"),
-                    "greedy": texts_g[i], "greedy_correct": bool(correct_g[i]), "greedy_length": int(lengths[i]),
-                    "samples": texts_s[i * s.n:(i + 1) * s.n], "samples_correct": correct_s[i].tolist(),
-                })
+                self.details.append(
+                    {
+                        "id": r.get("id"),
+                        "question": r.get("question"),
+                        "answer": r.get("answer"),
+                        "greedy": texts_g[i],
+                        "greedy_correct": bool(correct_g[i]),
+                        "greedy_length": int(lengths[i]),
+                        "samples": texts_s[i * s.n : (i + 1) * s.n],
+                        "samples_correct": correct_s[i].tolist(),
+                    }
+                )
 
     def compute(self) -> dict[str, float]:
         """Metric values; with several processes, torchmetrics reduces each metric over ranks
@@ -197,12 +238,12 @@ class Evaluator:
         rank, ws = world()
         mine = records[rank::ws]
         bs = self.settings.batch_size
-        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
+        batches = [mine[i : i + bs] for i in range(0, len(mine), bs)]
         most = int(all_reduce([float(len(batches))], "max")[0]) if ws > 1 else len(batches)
         for j in range(most):
             if j < len(batches):
                 self.update(batches[j], keep_details=keep_details)
-            else:   # a padding batch: joins the collective generation, counts nothing
+            else:  # a padding batch: joins the collective generation, counts nothing
                 self.update(records[:1], keep_details=False, count=False)
             if progress is not None:
                 progress(min((j + 1) * bs, len(mine)), len(mine))

@@ -6,14 +6,16 @@ the forward and in the backward.
 
     logp[i, t] = log_softmax(lm_head(h[i, P-1+t]) / temperature)[completion_ids[i, t]]
 """
+
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logp_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(h, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
     if temperature != 1.0:
@@ -25,8 +27,15 @@ def _chunk_logp_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return logp, entropy
 
 
-def completion_logprobs(model, inputs: dict, completion_len: int, *, temperature: float = 1.0,
-                        chunk_size: int = 1024, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logprobs(
+    model,
+    inputs: dict,
+    completion_len: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``inputs``: kwargs from :func:`framework.rollout.inputs.training_inputs` (prompt of length
     P + completion of length T = ``completion_len``). Returns logp [N, T] (fp32) and entropy [N, T].
 
@@ -35,32 +44,40 @@ def completion_logprobs(model, inputs: dict, completion_len: int, *, temperature
     fn = getattr(model, "apo_completion_logprobs", None)
     if fn is not None:
         return fn(inputs, completion_len, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
-    return completion_logprobs_unsharded(model, inputs, completion_len, temperature=temperature,
-                                         chunk_size=chunk_size, with_entropy=with_entropy)
+    return completion_logprobs_unsharded(
+        model, inputs, completion_len, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+    )
 
 
-def completion_logprobs_unsharded(model, inputs: dict, completion_len: int, *, temperature: float = 1.0,
-                                  chunk_size: int = 1024, with_entropy: bool = True):
-    core = getattr(model, "model")
+def completion_logprobs_unsharded(
+    model,
+    inputs: dict,
+    completion_len: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+):
+    core = model.model
     head = model.get_output_embeddings()
-    kw = {k: v for k, v in inputs.items()}
+    kw = dict(inputs)
     kw["use_cache"] = False
-    hidden = core(**kw).last_hidden_state                 # [N, P+T, H]
+    hidden = core(**kw).last_hidden_state  # [N, P+T, H]
     T = completion_len
-    h = hidden[:, -T - 1:-1]                              # positions P-1 .. P+T-2 predict tokens 0..T-1
+    h = hidden[:, -T - 1 : -1]  # positions P-1 .. P+T-2 predict tokens 0..T-1
     labels = inputs["input_ids"][:, -T:]
     N = h.shape[0]
     h_flat, y_flat = h.reshape(N * T, -1), labels.reshape(N * T)
     outs_lp, outs_ent = [], []
     use_ckpt = torch.is_grad_enabled() and h.requires_grad
     for s in range(0, N * T, chunk_size):
-        args = (h_flat[s:s + chunk_size], head.weight, head.bias, y_flat[s:s + chunk_size], temperature)
+        args = (h_flat[s : s + chunk_size], head.weight, head.bias, y_flat[s : s + chunk_size], temperature)
         if use_ckpt:
             lp, ent = checkpoint(_chunk_logp_entropy, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logp_entropy(*args)
         outs_lp.append(lp)
         outs_ent.append(ent.detach() if with_entropy else ent[:0])
-    logp = torch.cat(outs_lp).view(N, T).clone()   # not a view: FSDP hooks the output for its backward
+    logp = torch.cat(outs_lp).view(N, T).clone()  # not a view: FSDP hooks the output for its backward
     ent = torch.cat(outs_ent).view(N, T) if with_entropy else None
     return logp, ent

@@ -30,6 +30,7 @@ activations and KV cache are estimates from the architecture:
 h hidden size, I MLP size, L layers, kv = key/value heads * head dim, V vocabulary. The
 vision tower's activations (a few hundred tokens an image) are not counted.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,15 +39,15 @@ import torch
 
 from framework.models.loading import DTYPES
 
-GiB = 1024 ** 3
-BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}   # model.dtype names -> bytes
+GiB = 1024**3
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # model.dtype names -> bytes
 
 
 @dataclass
 class ParamCounts:
     total: int
     vision: int
-    root: int            # parameters outside every block (embeddings, norm, LM head, merger)
+    root: int  # parameters outside every block (embeddings, norm, LM head, merger)
     largest_block: int
 
 
@@ -55,7 +56,7 @@ class Architecture:
     hidden: int
     intermediate: int
     layers: int
-    kv_dim: int          # key/value heads * head dim
+    kv_dim: int  # key/value heads * head dim
     vocab: int
 
 
@@ -68,8 +69,13 @@ def architecture(cfg) -> Architecture:
     heads = t.num_attention_heads
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // heads
     kv = getattr(t, "num_key_value_heads", None) or heads
-    return Architecture(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
-                        kv_dim=kv * head_dim, vocab=t.vocab_size)
+    return Architecture(
+        hidden=t.hidden_size,
+        intermediate=t.intermediate_size,
+        layers=t.num_hidden_layers,
+        kv_dim=kv * head_dim,
+        vocab=t.vocab_size,
+    )
 
 
 def count_params(cfg) -> ParamCounts:
@@ -86,7 +92,7 @@ def count_params(cfg) -> ParamCounts:
     core = getattr(model, "model", model)
     visual = getattr(core, "visual", None)
     vision = sum(p.numel() for p in visual.parameters()) if visual is not None else 0
-    blocks = block_modules(model)   # the units FSDP shards
+    blocks = block_modules(model)  # the units FSDP shards
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
@@ -94,7 +100,7 @@ def count_params(cfg) -> ParamCounts:
 
 
 def _size(b: float) -> str:
-    return f"{b / GiB:9.2f} GiB" if b >= GiB / 10 or b == 0 else f"{b / 1024 ** 2:9.2f} MiB"
+    return f"{b / GiB:9.2f} GiB" if b >= GiB / 10 or b == 0 else f"{b / 1024**2:9.2f} MiB"
 
 
 def _count(n: float) -> str:
@@ -103,7 +109,7 @@ def _count(n: float) -> str:
 
 @dataclass
 class MemoryBudget:
-    rows: list[tuple[str, float, str]] = field(default_factory=list)   # (item, bytes per device, note)
+    rows: list[tuple[str, float, str]] = field(default_factory=list)  # (item, bytes per device, note)
     update_bytes: float = 0.0
     rollout_bytes: float = 0.0
     device_bytes: float | None = None
@@ -124,23 +130,44 @@ class MemoryBudget:
         lines.append(f"  {'rollout phase':<15}{_size(self.rollout_bytes)}")
         if self.device_bytes:
             verdict = "fits" if self.peak_bytes <= 0.95 * self.device_bytes else "DOES NOT FIT"
-            lines.append(f"  device: {self.device_name} {self.device_bytes / GiB:.1f} GiB -> peak "
-                         f"{self.peak_bytes / GiB:.2f} GiB {verdict}")
+            lines.append(
+                f"  device: {self.device_name} {self.device_bytes / GiB:.1f} GiB -> peak "
+                f"{self.peak_bytes / GiB:.2f} GiB {verdict}"
+            )
         return "\n".join(lines)
 
     def warning(self) -> str | None:
         if not self.device_bytes or self.peak_bytes <= 0.95 * self.device_bytes:
             return None
-        return (f"WARNING: the predicted peak ({self.peak_bytes / GiB:.1f} GiB) exceeds the device memory "
-                f"({self.device_bytes / GiB:.1f} GiB). Options: trainer=fsdp (shards weights, gradients, optimizer "
-                "and reference), trainer.fsdp.cpu_offload=true, a smaller trainer.micro_batch_size, "
-                "model.gradient_checkpointing=true, rollout.sleep=true (vLLM), a smaller rollout.max_new_tokens.")
+        return (
+            f"WARNING: the predicted peak ({self.peak_bytes / GiB:.1f} GiB) exceeds the device memory "
+            f"({self.device_bytes / GiB:.1f} GiB). Options: trainer=fsdp (shards weights, gradients, optimizer "
+            "and reference), trainer.fsdp.cpu_offload=true, a smaller trainer.micro_batch_size, "
+            "model.gradient_checkpointing=true, rollout.sleep=true (vLLM), a smaller rollout.max_new_tokens."
+        )
 
 
-def estimate(cfg, counts: ParamCounts, *, model_dtype: str, world_size: int, fsdp=None, needs_reference: bool,
-             freeze_vision_tower: bool, gradient_checkpointing: bool, micro_batch_size: int, prompt_tokens: int,
-             new_tokens: int, logprob_chunk: int, gen_sequences: int, engine: str = "hf", vllm_utilization: float = 0.5,
-             vllm_sleep: bool = False, device_bytes: float | None = None, device_name: str = "") -> MemoryBudget:
+def estimate(
+    cfg,
+    counts: ParamCounts,
+    *,
+    model_dtype: str,
+    world_size: int,
+    fsdp=None,
+    needs_reference: bool,
+    freeze_vision_tower: bool,
+    gradient_checkpointing: bool,
+    micro_batch_size: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    logprob_chunk: int,
+    gen_sequences: int,
+    engine: str = "hf",
+    vllm_utilization: float = 0.5,
+    vllm_sleep: bool = False,
+    device_bytes: float | None = None,
+    device_name: str = "",
+) -> MemoryBudget:
     """The budget for one device; see the module docstring for every formula."""
     a = architecture(cfg)
     b_p = BYTES[model_dtype]
@@ -177,17 +204,31 @@ def estimate(cfg, counts: ParamCounts, *, model_dtype: str, world_size: int, fsd
         ("weights", weights, f"{_count(counts.total)} params x {b_p} B{shard_note}{where}"),
         ("gradients", grads, f"{_count(n_train)} trainable x {b_p} B{shard_note}{where}"),
         ("optimizer", optim, f"AdamW 2 x {_count(n_train)} x {b_p} B{shard_note}{where}"),
-        ("reference", ref, (f"frozen copy{shard_note}{where}" if needs_reference else "not loaded (the algorithm never uses it)")),
+        (
+            "reference",
+            ref,
+            (f"frozen copy{shard_note}{where}" if needs_reference else "not loaded (the algorithm never uses it)"),
+        ),
     ]
     if sharded:
         out.rows.append(("FSDP gathered", gathered, f"root unit + 2 blocks in {'bf16' if b_c == 2 else 'fp32'}"))
     out.rows += [
-        ("activations", acts, f"micro-batch {micro_batch_size} x {prompt_tokens}+{new_tokens} tokens, "
-                              f"{'checkpointed' if ckpt else 'no checkpointing'}, log-prob chunks of {logprob_chunk}"),
+        (
+            "activations",
+            acts,
+            f"micro-batch {micro_batch_size} x {prompt_tokens}+{new_tokens} tokens, "
+            f"{'checkpointed' if ckpt else 'no checkpointing'}, log-prob chunks of {logprob_chunk}",
+        ),
     ]
     if engine == "vllm":
-        out.rows.append(("rollout vLLM", vllm_pool, f"gpu_memory_utilization={vllm_utilization} (weights + KV cache)"
-                                                   + (", freed during the update (sleep)" if vllm_sleep else "")))
+        out.rows.append(
+            (
+                "rollout vLLM",
+                vllm_pool,
+                f"gpu_memory_utilization={vllm_utilization} (weights + KV cache)"
+                + (", freed during the update (sleep)" if vllm_sleep else ""),
+            )
+        )
     else:
         out.rows.append(("rollout KV", kv, f"{gen_sequences} sequences x {seq} tokens"))
     resident_vllm = 0.0 if vllm_sleep else vllm_pool
@@ -207,10 +248,22 @@ def budget_for_run(path: str, sections: dict, algorithm, world_size: int, prompt
         props = torch.cuda.get_device_properties(0)
         device_bytes, name = float(props.total_memory), props.name
     return estimate(
-        cfg, count_params(cfg), model_dtype=m.dtype, world_size=world_size,
-        fsdp=t.fsdp if t.strategy == "fsdp" else None, needs_reference=algorithm.needs_reference,
-        freeze_vision_tower=m.freeze_vision_tower, gradient_checkpointing=m.gradient_checkpointing,
-        micro_batch_size=t.micro_batch_size, prompt_tokens=prompt_tokens, new_tokens=r.max_new_tokens,
-        logprob_chunk=t.logprob_chunk_size, gen_sequences=max(1, t.prompts_per_step // world_size) * r.group_size,
-        engine=r.engine, vllm_utilization=r.gpu_memory_utilization, vllm_sleep=r.sleep,
-        device_bytes=device_bytes, device_name=name)
+        cfg,
+        count_params(cfg),
+        model_dtype=m.dtype,
+        world_size=world_size,
+        fsdp=t.fsdp if t.strategy == "fsdp" else None,
+        needs_reference=algorithm.needs_reference,
+        freeze_vision_tower=m.freeze_vision_tower,
+        gradient_checkpointing=m.gradient_checkpointing,
+        micro_batch_size=t.micro_batch_size,
+        prompt_tokens=prompt_tokens,
+        new_tokens=r.max_new_tokens,
+        logprob_chunk=t.logprob_chunk_size,
+        gen_sequences=max(1, t.prompts_per_step // world_size) * r.group_size,
+        engine=r.engine,
+        vllm_utilization=r.gpu_memory_utilization,
+        vllm_sleep=r.sleep,
+        device_bytes=device_bytes,
+        device_name=name,
+    )

@@ -11,6 +11,7 @@
 The module never branches on the algorithm's name: everything algorithm-specific is behind
 the :class:`algorithms.base.Algorithm` interface.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ class NonFiniteError(FloatingPointError):
 def lr_lambda(scheduler: str, total: int, warmup: int, min_ratio: float):
     """Multiplier of the base lr at optimizer step s: linear warm-up over ``warmup`` steps, then
     constant, or cosine / linear decay from 1 to ``min_ratio`` at step ``total``."""
+
     def f(s: int) -> float:
         if warmup and s < warmup:
             return (s + 1) / warmup
@@ -46,12 +48,26 @@ def lr_lambda(scheduler: str, total: int, warmup: int, min_ratio: float):
         if scheduler == "cosine":
             return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
         return 1.0 - (1.0 - min_ratio) * prog
+
     return f
 
 
 class RLModule(L.LightningModule):
-    def __init__(self, *, policy, reference, bundle, algorithm, rewards, engine_factory, sections, data_cfg,
-                 eval_records: list[dict] | None = None, extra_prompts=None, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        policy,
+        reference,
+        bundle,
+        algorithm,
+        rewards,
+        engine_factory,
+        sections,
+        data_cfg,
+        eval_records: list[dict] | None = None,
+        extra_prompts=None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -63,12 +79,12 @@ class RLModule(L.LightningModule):
         self.s = sections
         self.data_cfg = data_cfg
         self.eval_records = eval_records or []
-        self.extra_prompts = extra_prompts   # iterator of record lists for filter_groups refills
+        self.extra_prompts = extra_prompts  # iterator of record lists for filter_groups refills
         self.rl_step = 0
         self.seed = seed
         self.updates_per_step = algorithm.ppo_epochs * sections["trainer"].num_mini_batches
         self.total_updates = sections["trainer"].max_steps * self.updates_per_step
-        self.history: list[dict[str, float]] = []   # every logged metric row, for tests and reports
+        self.history: list[dict[str, float]] = []  # every logged metric row, for tests and reports
         self._last_eval_step = -1
 
     # ------------------------------------------------------------------ setup
@@ -79,8 +95,9 @@ class RLModule(L.LightningModule):
 
         # the fused CUDA kernel for plain CUDA parameters (FSDP's DTensors use the foreach path)
         fused = bool(params) and all(p.is_cuda for p in params) and not is_sharded(self.policy)
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                fused=fused or None)
+        opt = torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
+        )
         warm = int(o.warmup_ratio * self.total_updates)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.scheduler, self.total_updates, warm, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -121,20 +138,35 @@ class RLModule(L.LightningModule):
         r = self.s["rollout"]
         # engines that report the sampler's log-probs for free (vLLM) are asked for them: they
         # give the sampler/trainer gap metric and the truncated-IS correction (rollout.tis_cap)
-        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, stop=r.stop,
-                              return_logprobs=bool(getattr(self.engine, "returns_logprobs", False)))
+        return SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop=r.stop,
+            return_logprobs=bool(getattr(self.engine, "returns_logprobs", False)),
+        )
 
     def encode(self, records):
-        return encode_prompts(self.bundle, records, self.data_cfg.get("system_prompt"),
-                              self.data_cfg.get("question_template", "{question}"))
+        return encode_prompts(
+            self.bundle,
+            records,
+            self.data_cfg.get("system_prompt"),
+            self.data_cfg.get("question_template", "{question}"),
+        )
 
     def _forward_logprobs(self, model, prompt_inputs, ids, mask, with_entropy=False):
         dev = self.device
         pin = {k: v.to(dev) for k, v in prompt_inputs.items()}
         kw = training_inputs(pin, ids.to(dev), mask.to(dev), model)
-        return completion_logprobs(model, kw, ids.shape[1], temperature=self.s["rollout"].temperature or 1.0,
-                                   chunk_size=self.s["trainer"].logprob_chunk_size, with_entropy=with_entropy)
+        return completion_logprobs(
+            model,
+            kw,
+            ids.shape[1],
+            temperature=self.s["rollout"].temperature or 1.0,
+            chunk_size=self.s["trainer"].logprob_chunk_size,
+            with_entropy=with_entropy,
+        )
 
     def _micro_batches(self, n: int):
         mb = self.s["trainer"].micro_batch_size
@@ -168,25 +200,33 @@ class RLModule(L.LightningModule):
         prompts = self.encode(records)
         sp = self.sampling
         if self.s["rollout"].seed_per_prompt:
-            sp.seeds = [zlib.crc32(f"{self.seed}:{self.rl_step}:{r.get('id', i)}".encode())
-                        for i, r in enumerate(records)]
+            sp.seeds = [
+                zlib.crc32(f"{self.seed}:{self.rl_step}:{r.get('id', i)}".encode()) for i, r in enumerate(records)
+            ]
         gen = self.engine.generate(prompts, G, sp)
         t1 = time.perf_counter()
         texts = self.bundle.tokenizer.batch_decode(
-            [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
+            [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)],
+            skip_special_tokens=True,
+        )
         recs = [r for r in records for _ in range(G)]
         total, comps, correct, rmetrics = self.rewards(texts, recs)
         t2 = time.perf_counter()
         N = len(texts)
         rollout = Rollout(
-            completion_ids=gen.completion_ids, completion_mask=gen.completion_mask,
+            completion_ids=gen.completion_ids,
+            completion_mask=gen.completion_mask,
             group_ids=torch.arange(len(records)).repeat_interleave(G),
-            rewards=torch.tensor(total, dtype=torch.float32), correct=torch.tensor(correct, dtype=torch.float32),
-            truncated=gen.truncated, reward_components={k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()},
+            rewards=torch.tensor(total, dtype=torch.float32),
+            correct=torch.tensor(correct, dtype=torch.float32),
+            truncated=gen.truncated,
+            reward_components={k: torch.tensor(v, dtype=torch.float32) for k, v in comps.items()},
             logp_sampler=gen.logprobs,
-            extras={"prompt_inputs": expand_inputs(prompts.inputs, G, prompts.images_per_sample),
-                    "images_per_sample": [c for c in prompts.images_per_sample for _ in range(G)],
-                    "completion_texts": texts},
+            extras={
+                "prompt_inputs": expand_inputs(prompts.inputs, G, prompts.images_per_sample),
+                "images_per_sample": [c for c in prompts.images_per_sample for _ in range(G)],
+                "completion_texts": texts,
+            },
         )
         ntok = float(gen.completion_mask.sum())
         metrics["timing_s/rollout"] = metrics.get("timing_s/rollout", 0.0) + (t1 - t0)
@@ -206,9 +246,10 @@ class RLModule(L.LightningModule):
         metrics["filter_groups/kept_frac_first_round"] = float(keep.float().mean())
         parts = [(rollout, texts, recs, keep)]
         rounds = 0
+
         def need_more() -> bool:
             short = float(sum(int(p[3].sum()) for p in parts) < want)
-            if self.sharded:   # generation is a collective under FSDP: all ranks make the same rounds
+            if self.sharded:  # generation is a collective under FSDP: all ranks make the same rounds
                 short = all_reduce([short], "max")[0]
             return bool(short)
 
@@ -237,7 +278,7 @@ class RLModule(L.LightningModule):
         N = len(texts)
         ips = rollout.extras["images_per_sample"]
         sleep = self.engine is not None and self.s["rollout"].sleep
-        if sleep:   # free the engine's memory (weights + KV cache) for the forward/backward passes
+        if sleep:  # free the engine's memory (weights + KV cache) for the forward/backward passes
             self.engine.sleep()
 
         algo_metrics = self.algo.prepare(rollout, step=self.global_step)
@@ -252,7 +293,7 @@ class RLModule(L.LightningModule):
         if rollout.logp_sampler is not None:
             logp_trainer = self._sampler_gap(rollout, ips, metrics)
             cap = self.s["rollout"].tis_cap
-            if cap:   # truncated importance sampling: correct for the sampler/trainer mismatch
+            if cap:  # truncated importance sampling: correct for the sampler/trainer mismatch
                 from algorithms.losses import truncated_is_weights
 
                 w = truncated_is_weights(logp_trainer, rollout.logp_sampler, cap, rollout.completion_mask)
@@ -274,8 +315,11 @@ class RLModule(L.LightningModule):
             for chunk in perm.chunk(mini):
                 idx_all = torch.cat([torch.nonzero(rollout.group_ids == g).flatten() for g in chunk]).tolist()
                 sub = rollout.select(torch.tensor(idx_all))
-                norm = LossNormalizer(num_sequences=float(len(idx_all)), num_tokens=float(sub.completion_mask.sum().clamp(min=1)),
-                                      max_len=float(self.s["rollout"].max_new_tokens))
+                norm = LossNormalizer(
+                    num_sequences=float(len(idx_all)),
+                    num_tokens=float(sub.completion_mask.sum().clamp(min=1)),
+                    max_len=float(self.s["rollout"].max_new_tokens),
+                )
                 norm = self._global_normalizer(norm)
                 acc: dict[str, float] = defaultdict(float)
                 ent_sum = 0.0
@@ -283,15 +327,19 @@ class RLModule(L.LightningModule):
                     rows = [idx_all[i] for i in local]
                     mb = rollout.select(torch.tensor(rows))
                     pin = select_inputs(rollout.extras["prompt_inputs"], rows, ips)
-                    logp, ent = self._forward_logprobs(self.policy, pin, mb.completion_ids, mb.completion_mask, with_entropy=True)
+                    logp, ent = self._forward_logprobs(
+                        self.policy, pin, mb.completion_ids, mb.completion_mask, with_entropy=True
+                    )
                     mb = _to(mb, self.device)
                     loss, lm = self.algo.loss(logp, mb, norm)
                     bad = real and not bool(torch.isfinite(loss))
-                    bad = bool(all_reduce([float(bad)], "max")[0])   # all ranks skip together
+                    bad = bool(all_reduce([float(bad)], "max")[0])  # all ranks skip together
                     if bad:
                         names = [k for k, v in lm.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
-                        msg = (f"non-finite loss at RL step {self.rl_step} (optimizer step {self.global_step}): "
-                               f"non-finite metric(s): {', '.join(names)}")
+                        msg = (
+                            f"non-finite loss at RL step {self.rl_step} (optimizer step {self.global_step}): "
+                            f"non-finite metric(s): {', '.join(names)}"
+                        )
                         if t.on_nonfinite == "error":
                             raise NonFiniteError(msg + ". Set trainer.on_nonfinite=skip to skip such steps.")
                         self.print("WARNING: " + msg + "; skipping this update")
@@ -302,10 +350,10 @@ class RLModule(L.LightningModule):
                         sched.step()
                         metrics["nonfinite_skipped"] = 1.0
                         break
-                    if not real:   # a padding pass (FSDP): joins the collectives, adds nothing
+                    if not real:  # a padding pass (FSDP): joins the collectives, adds nothing
                         self.manual_backward(loss * 0.0)
                         continue
-                    with self._no_grad_sync():   # DDP: gradients are all-reduced once, before the step
+                    with self._no_grad_sync():  # DDP: gradients are all-reduced once, before the step
                         # FSDP averages gradients over ranks: scaled by the world size, the
                         # average is the sum of the rank losses' gradients (the global loss)
                         self.manual_backward(loss * self._grad_scale)
@@ -319,11 +367,13 @@ class RLModule(L.LightningModule):
                     step_stats["grad_norm"].append(gn)
                     for k, v in acc.items():
                         step_stats[k].append(v)
-                    step_stats["entropy"].append(ent_sum / norm.num_tokens)  # this rank's share of the global token mean
+                    step_stats["entropy"].append(
+                        ent_sum / norm.num_tokens
+                    )  # this rank's share of the global token mean
                 # (a skipped mini-batch made its empty optimizer step above; go on with the next)
         t_done = time.perf_counter()
         if self.engine is not None:
-            if sleep:   # weights first: they are pushed before the KV cache takes memory again
+            if sleep:  # weights first: they are pushed before the KV cache takes memory again
                 self.engine.wake(["weights"])
             self.engine.sync_weights(self.policy)
             if sleep:
@@ -336,17 +386,25 @@ class RLModule(L.LightningModule):
         metrics.update(self._rollout_metrics(rollout))
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["timing_s/step"] = time.perf_counter() - t_step
-        metrics["perf/update_tokens_per_s"] = float(rollout.completion_mask.sum()) * self.algo.ppo_epochs / max(t_done - t_up, 1e-9)
+        metrics["perf/update_tokens_per_s"] = (
+            float(rollout.completion_mask.sum()) * self.algo.ppo_epochs / max(t_done - t_up, 1e-9)
+        )
         self.rl_step += 1
         self._log(self._reduce_metrics(metrics))
-        if self.s["trainer"].log_completions_every and (self.rl_step - 1) % self.s["trainer"].log_completions_every == 0:
+        if (
+            self.s["trainer"].log_completions_every
+            and (self.rl_step - 1) % self.s["trainer"].log_completions_every == 0
+        ):
             self._log_table(texts, recs, rollout)
         if self.rl_step >= t.max_steps:
             self.evaluate()
 
     def _is_ddp(self) -> bool:
-        return self._trainer is not None and self.trainer.world_size > 1 and \
-            type(self.trainer.strategy).__name__.startswith("DDP")
+        return (
+            self._trainer is not None
+            and self.trainer.world_size > 1
+            and type(self.trainer.strategy).__name__.startswith("DDP")
+        )
 
     def _no_grad_sync(self):
         """Under DDP, accumulate local gradients without DDP's per-backward all-reduce (an RL step
@@ -368,7 +426,7 @@ class RLModule(L.LightningModule):
         off = 0
         for p in params:
             n = p.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p))
+            p.grad.copy_(flat[off : off + n].view_as(p))
             off += n
 
     def _clip_and_step(self, opt, sched) -> float:
@@ -377,7 +435,7 @@ class RLModule(L.LightningModule):
         if self._is_ddp():
             self._allreduce_grads()
         params = [p for p in self.policy.parameters() if p.grad is not None]
-        gn = clip_grad_norm(params, self.s["optim"].grad_clip)   # the global norm, also over FSDP shards
+        gn = clip_grad_norm(params, self.s["optim"].grad_clip)  # the global norm, also over FSDP shards
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -417,8 +475,10 @@ class RLModule(L.LightningModule):
         metrics["rollout/logp_diff_mean"] = float(diff.sum() / m.sum().clamp(min=1))
         metrics["rollout/logp_diff_max"] = float(diff.max())
         if metrics["rollout/logp_diff_mean"] > self.s["rollout"].logp_diff_warn:
-            self.print(f"WARNING: step {self.rl_step}: sampler/trainer log-prob gap {metrics['rollout/logp_diff_mean']:.3g} "
-                       "(stale engine weights or a prompt-processing mismatch?)")
+            self.print(
+                f"WARNING: step {self.rl_step}: sampler/trainer log-prob gap {metrics['rollout/logp_diff_mean']:.3g} "
+                "(stale engine weights or a prompt-processing mismatch?)"
+            )
         return lp
 
     def _rollout_metrics(self, r: Rollout) -> dict[str, float]:
@@ -427,13 +487,15 @@ class RLModule(L.LightningModule):
         c = r.correct.bool()
         pr = r.correct.view(-1, G).mean(1)
         out = {
-            "reward": float(r.rewards.mean()), "reward_std": float(r.rewards.std()) if len(r.rewards) > 1 else 0.0,
+            "reward": float(r.rewards.mean()),
+            "reward_std": float(r.rewards.std()) if len(r.rewards) > 1 else 0.0,
             "accuracy": float(r.correct.mean()),
             "completions/mean_length": float(L.mean()),
             "completions/mean_length_correct": float(L[c].mean()) if c.any() else float("nan"),
             "completions/mean_length_incorrect": float(L[~c].mean()) if (~c).any() else float("nan"),
             "completions/clipped_ratio": float(r.truncated.float().mean()),
-            "pass_rate/mean": float(pr.mean()), "pass_rate/all_correct": float((pr == 1).float().mean()),
+            "pass_rate/mean": float(pr.mean()),
+            "pass_rate/all_correct": float((pr == 1).float().mean()),
             "pass_rate/all_wrong": float((pr == 0).float().mean()),
         }
         self._pass_rates = pr.tolist()
@@ -452,9 +514,16 @@ class RLModule(L.LightningModule):
 
         self._last_eval_step = self.rl_step
         t = self.s["trainer"]
-        evaluator = Evaluator.from_config(self.engine, self.bundle, self.rewards, self.data_cfg, self.s["rollout"],
-                                          pass_k=t.eval_pass_k, num_samples=t.eval_samples,
-                                          batch_size=t.eval_batch_size)
+        evaluator = Evaluator.from_config(
+            self.engine,
+            self.bundle,
+            self.rewards,
+            self.data_cfg,
+            self.s["rollout"],
+            pass_k=t.eval_pass_k,
+            num_samples=t.eval_samples,
+            batch_size=t.eval_batch_size,
+        )
         out = evaluator.run(self.eval_records)
         out["eval/step"] = float(self.rl_step)
         self._log(out)
@@ -462,7 +531,9 @@ class RLModule(L.LightningModule):
 
     # ------------------------------------------------------------------ logging
     def _log(self, metrics: dict[str, float]) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        clean = {
+            k: float(v) for k, v in metrics.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
+        }
         row = {"rl_step": float(self.rl_step), **clean}
         self.history.append(row)
         if self._trainer is None:
@@ -476,20 +547,37 @@ class RLModule(L.LightningModule):
             for lg in self.loggers:
                 if type(lg).__name__ == "WandbLogger":
                     import wandb
+
                     lg.experiment.log({"pass_rate/hist": wandb.Histogram(pr)}, commit=False)
 
     def _log_table(self, texts, recs, rollout) -> None:
         for lg in self.loggers:
             if type(lg).__name__ == "WandbLogger":
                 n = min(16, len(texts))
-                data = [[self.rl_step, recs[i]["question"], recs[i]["answer"], texts[i], float(rollout.rewards[i]),
-                         float(rollout.advantages[i]) if rollout.advantages is not None else 0.0] for i in range(n)]
-                lg.log_table(key="completions", columns=["step", "question", "answer", "completion", "reward", "advantage"], data=data)
+                data = [
+                    [
+                        self.rl_step,
+                        recs[i]["question"],
+                        recs[i]["answer"],
+                        texts[i],
+                        float(rollout.rewards[i]),
+                        float(rollout.advantages[i]) if rollout.advantages is not None else 0.0,
+                    ]
+                    for i in range(n)
+                ]
+                lg.log_table(
+                    key="completions",
+                    columns=["step", "question", "answer", "completion", "reward", "advantage"],
+                    data=data,
+                )
 
     # ------------------------------------------------------------------ checkpoint state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rl_state"] = {"rl_step": self.rl_step, "torch_rng": torch.get_rng_state(),
-                                  "last_eval_step": self._last_eval_step}
+        checkpoint["rl_state"] = {
+            "rl_step": self.rl_step,
+            "torch_rng": torch.get_rng_state(),
+            "last_eval_step": self._last_eval_step,
+        }
         # the reference is not trained: never stored
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -500,7 +588,7 @@ class RLModule(L.LightningModule):
         # RNG draws Lightning and the DataLoader make between restoring and the first batch
         self._pending_rng = st.get("torch_rng")
         if getattr(self, "batch_sampler", None) is not None:
-            self.batch_sampler.start = self.rl_step   # the prompts the uninterrupted run would see
+            self.batch_sampler.start = self.rl_step  # the prompts the uninterrupted run would see
 
     def state_dict(self, *args, **kwargs):
         return super().state_dict(*args, **kwargs)
@@ -508,6 +596,7 @@ class RLModule(L.LightningModule):
 
 def _to(r: Rollout, device) -> Rollout:
     import dataclasses
+
     ch = {}
     for f in dataclasses.fields(r):
         v = getattr(r, f.name)
@@ -529,6 +618,7 @@ def _concat_kept(parts, G: int, want: int):
     if not srcs:
         return None
     import dataclasses
+
     pieces = []
     for new_g, (pi, g) in enumerate(srcs):
         r, t, rc, _ = parts[pi]
@@ -540,16 +630,23 @@ def _concat_kept(parts, G: int, want: int):
 
     def pad(x, val):
         return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=val)
+
     cat = lambda name, val=0: torch.cat([pad(getattr(p[0], name), val) for p in pieces])  # noqa: E731
     out = Rollout(
-        completion_ids=cat("completion_ids"), completion_mask=cat("completion_mask"),
-        group_ids=torch.cat([p[0].group_ids for p in pieces]), rewards=torch.cat([p[0].rewards for p in pieces]),
-        correct=torch.cat([p[0].correct for p in pieces]), truncated=torch.cat([p[0].truncated for p in pieces]),
-        reward_components={k: torch.cat([p[0].reward_components[k] for p in pieces]) for k in pieces[0][0].reward_components},
+        completion_ids=cat("completion_ids"),
+        completion_mask=cat("completion_mask"),
+        group_ids=torch.cat([p[0].group_ids for p in pieces]),
+        rewards=torch.cat([p[0].rewards for p in pieces]),
+        correct=torch.cat([p[0].correct for p in pieces]),
+        truncated=torch.cat([p[0].truncated for p in pieces]),
+        reward_components={
+            k: torch.cat([p[0].reward_components[k] for p in pieces]) for k in pieces[0][0].reward_components
+        },
         logp_sampler=cat("logp_sampler") if pieces[0][0].logp_sampler is not None else None,
     )
     # prompt inputs: select rows of each round and concatenate (prompt lengths differ: left-pad)
     from framework.rollout.inputs import select_inputs
+
     sel = [select_inputs(p[4].extras["prompt_inputs"], p[3], p[4].extras["images_per_sample"]) for p in pieces]
     P = max(s["input_ids"].shape[1] for s in sel)
     merged: dict[str, list] = defaultdict(list)
@@ -560,6 +657,8 @@ def _concat_kept(parts, G: int, want: int):
             else:
                 padv = 0
                 merged[k].append(torch.nn.functional.pad(v, (P - v.shape[1], 0), value=padv))
-    out.extras = {"prompt_inputs": {k: torch.cat(v) for k, v in merged.items()},
-                  "images_per_sample": [c for p in pieces for c in [p[4].extras["images_per_sample"][i] for i in p[3]]]}
+    out.extras = {
+        "prompt_inputs": {k: torch.cat(v) for k, v in merged.items()},
+        "images_per_sample": [c for p in pieces for c in [p[4].extras["images_per_sample"][i] for i in p[3]]],
+    }
     return out, [x for p in pieces for x in p[1]], [x for p in pieces for x in p[2]]

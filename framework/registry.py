@@ -17,18 +17,15 @@ Third-party packages register without editing this project in either of two ways
 
 An unknown name raises :class:`UnknownNameError`, which lists every registered name.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import Any
 
-
-class UnknownNameError(KeyError):
-    """A name that is not registered. ``str()`` gives the full, readable message."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
+from framework.errors import UnknownNameError  # noqa: F401  (raised here, importable from here)
 
 
 class Registry:

@@ -3,6 +3,7 @@
 Any config value can be overridden (``trainer.max_steps=100``); ``-m`` sweeps
 (``-m algorithm=grpo,grpo_d,apo seed=0,1,2``); ``--cfg job`` prints the composed config.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except Exception as e:  # noqa: BLE001
-        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) and not os.environ.get("APO_RL_DEBUG"):
+        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) and not os.environ.get(
+            "APO_RL_DEBUG"
+        ):
             print(f"error: {e}", file=sys.stderr)
             print("(set APO_RL_DEBUG=1 for the full traceback)", file=sys.stderr)
             sys.exit(2)

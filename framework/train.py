@@ -4,6 +4,7 @@
 Order matters for clear errors: everything that can be checked without a model (config
 sections, algorithm options, registered names, reward parameters) is checked first.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,18 +44,20 @@ class StepBatchSampler(torch.utils.data.Sampler):
         per_epoch = self.n // self.bs
         epoch, k = divmod(step, per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
-        return perm[k * self.bs:(k + 1) * self.bs]
+        return perm[k * self.bs : (k + 1) * self.bs]
 
     def __iter__(self):
         from framework.distributed import world as rank_world
 
         rank, world = rank_world()
         if self.bs % world:
-            raise ConfigError(f"trainer.prompts_per_step={self.bs} must be divisible by the number of ranks ({world}): "
-                              "each group of G completions stays on one rank")
+            raise ConfigError(
+                f"trainer.prompts_per_step={self.bs} must be divisible by the number of ranks ({world}): "
+                "each group of G completions stays on one rank"
+            )
         per = self.bs // world
         for s in itertools.count(self.start):
-            yield self.batch(s)[rank * per:(rank + 1) * per]   # this rank's contiguous shard of the global batch
+            yield self.batch(s)[rank * per : (rank + 1) * per]  # this rank's contiguous shard of the global batch
 
 
 def check_early(cfg: DictConfig) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     algorithm = build_algorithm(algo_cfg, total_steps=total)
     rewards = RewardSet.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
     engine_cls = ROLLOUT_ENGINES.get(sections["rollout"].engine)
-    if hasattr(engine_cls, "check_available"):   # e.g. vLLM not installed: say how, before any model loads
+    if hasattr(engine_cls, "check_available"):  # e.g. vLLM not installed: say how, before any model loads
         engine_cls.check_available()
     task = cfg.data.get("task")
     if task not in ("local", "hub") and task not in TASKS:
@@ -92,8 +95,11 @@ def _loggers(cfg, sections, out: Path):
         os.environ.setdefault("WANDB_SILENT", "true")
         flat = OmegaConf.to_container(cfg, resolve=True)
         flat.pop("hydra", None)
-        loggers.append(WandbLogger(project=lg.project, group=lg.group, name=lg.name, tags=list(lg.tags),
-                                   save_dir=str(out), config=flat))
+        loggers.append(
+            WandbLogger(
+                project=lg.project, group=lg.group, name=lg.name, tags=list(lg.tags), save_dir=str(out), config=flat
+            )
+        )
     return loggers
 
 
@@ -114,9 +120,14 @@ def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
         return
     devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
     try:
-        b = budget_for_run(path, s, algorithm, world_size=devices * t.num_nodes,
-                           prompt_tokens=int(cfg.data.get("max_prompt_tokens", 1024)))
-    except Exception as e:   # an estimate must never stop a run
+        b = budget_for_run(
+            path,
+            s,
+            algorithm,
+            world_size=devices * t.num_nodes,
+            prompt_tokens=int(cfg.data.get("max_prompt_tokens", 1024)),
+        )
+    except Exception as e:  # an estimate must never stop a run
         print(f"apo-rl: no memory budget ({type(e).__name__}: {e})")
         return
     print(b.format())
@@ -128,9 +139,9 @@ def train(cfg: DictConfig) -> RunResult:
     import lightning as L
 
     from framework.checkpoint import RLCheckpoint, resolve_resume
-    from framework.distributed import make_strategy
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
+    from framework.distributed import make_strategy
     from framework.models.loading import load_model, load_model_bundle, resolve_path
     from framework.module import RLModule
     from framework.rollout.inputs import encode_prompts
@@ -149,10 +160,19 @@ def train(cfg: DictConfig) -> RunResult:
     _print_memory_budget(path, s, algorithm, cfg)
     bundle = load_model_bundle(path)
     m = s["model"]
-    policy = load_model(path, m.dtype, trainable=True, gradient_checkpointing=m.gradient_checkpointing,
-                        freeze_vision_tower=m.freeze_vision_tower, attn_implementation=m.attn_implementation)
-    reference = load_model(path, m.dtype, trainable=False, attn_implementation=m.attn_implementation) \
-        if algorithm.needs_reference else None
+    policy = load_model(
+        path,
+        m.dtype,
+        trainable=True,
+        gradient_checkpointing=m.gradient_checkpointing,
+        freeze_vision_tower=m.freeze_vision_tower,
+        attn_implementation=m.attn_implementation,
+    )
+    reference = (
+        load_model(path, m.dtype, trainable=False, attn_implementation=m.attn_implementation)
+        if algorithm.needs_reference
+        else None
+    )
 
     # ---- data (checked record by record; nothing dropped silently)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -166,17 +186,24 @@ def train(cfg: DictConfig) -> RunResult:
     for split in ("train", "test"):
         if split not in ds:
             continue
-        checked, report = validate_records(ds[split], count_prompt_tokens=count_tokens,
-                                           max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
-                                           on_invalid=data_cfg.get("on_invalid", "error"), split=split)
+        checked, report = validate_records(
+            ds[split],
+            count_prompt_tokens=count_tokens,
+            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
+            on_invalid=data_cfg.get("on_invalid", "error"),
+            split=split,
+        )
         if report.problems:
             print(report.summary())
         splits[split] = checked
     if "train" not in splits:
         raise ConfigError(f"data has no 'train' split (splits: {list(ds)})")
     train_ds = splits["train"]
-    eval_records = [to_record(splits["test"][i]) for i in range(min(s["trainer"].eval_size, len(splits["test"])))] \
-        if "test" in splits else []
+    eval_records = (
+        [to_record(splits["test"][i]) for i in range(min(s["trainer"].eval_size, len(splits["test"])))]
+        if "test" in splits
+        else []
+    )
 
     t = s["trainer"]
     sampler = StepBatchSampler(len(train_ds), t.prompts_per_step, int(cfg.seed))
@@ -193,18 +220,38 @@ def train(cfg: DictConfig) -> RunResult:
     def engine_factory(model):
         return engine_cls(s["rollout"], bundle, model)
 
-    module = RLModule(policy=policy, reference=reference, bundle=bundle, algorithm=algorithm, rewards=rewards,
-                      engine_factory=engine_factory, sections=s, data_cfg=data_cfg, eval_records=eval_records,
-                      extra_prompts=extra_prompts(), seed=int(cfg.seed))
+    module = RLModule(
+        policy=policy,
+        reference=reference,
+        bundle=bundle,
+        algorithm=algorithm,
+        rewards=rewards,
+        engine_factory=engine_factory,
+        sections=s,
+        data_cfg=data_cfg,
+        eval_records=eval_records,
+        extra_prompts=extra_prompts(),
+        seed=int(cfg.seed),
+    )
     module.batch_sampler = sampler
 
     ckpt_cb = RLCheckpoint(out / "checkpoints", every=t.save_every, bundle=bundle)
     trainer = L.Trainer(
-        max_steps=t.max_steps * module.updates_per_step, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=make_strategy(t), precision=t.precision, logger=_loggers(cfg, s, out),
-        callbacks=[ckpt_cb], log_every_n_steps=t.log_every, enable_checkpointing=False,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=str(out), use_distributed_sampler=False,
+        max_steps=t.max_steps * module.updates_per_step,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=make_strategy(t),
+        precision=t.precision,
+        logger=_loggers(cfg, s, out),
+        callbacks=[ckpt_cb],
+        log_every_n_steps=t.log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out),
+        use_distributed_sampler=False,
     )
     print(f"apo-rl: algorithm={cfg.algorithm.name} model={s['model'].name_or_path} outputs -> {out}")
     try:
@@ -212,6 +259,12 @@ def train(cfg: DictConfig) -> RunResult:
     finally:
         rewards.close()
     if trainer.global_rank == 0:
-        print(f"apo-rl: done. metrics: {out / 'csv' / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}"
-              + (f"; W&B offline run: {out / 'wandb'}" if s['logger'].wandb and s['logger'].wandb_mode != 'disabled' else ""))
+        print(
+            f"apo-rl: done. metrics: {out / 'csv' / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}"
+            + (
+                f"; W&B offline run: {out / 'wandb'}"
+                if s["logger"].wandb and s["logger"].wandb_mode != "disabled"
+                else ""
+            )
+        )
     return RunResult(output_dir=out, history=module.history, final_checkpoint=ckpt_cb.last)

@@ -15,9 +15,10 @@
 Verification runs in a pool of ``workers`` processes with a per-completion ``timeout_s``
 (0.0 and counted in ``timeouts``); ``workers=0`` verifies in-process without any timeout.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from framework.registry import REWARDS
 
@@ -63,8 +64,7 @@ class AccuracyReward(Reward):
                     return (1.0 if pred_letter == letter else 0.0), None
                 gold = str(choices[_LETTERS.index(letter)]).strip()
                 if not gold:
-                    raise ValueError(f"empty text for the gold choice {letter} in "
-                                     f"{record_name(record)}")
+                    raise ValueError(f"empty text for the gold choice {letter} in {record_name(record)}")
         if not pred:
             return 0.0, None
         return None, {"pred": pred, "gold": gold}
@@ -116,8 +116,7 @@ class AccuracyReward(Reward):
             elif status == "timeout":
                 res.timeouts += 1
             else:
-                res.add_failure(f"{out.get('error', 'unknown error')} "
-                                f"({record_name(records[i])})")
+                res.add_failure(f"{out.get('error', 'unknown error')} ({record_name(records[i])})")
         res.stats = {"gold_parse_failures": float(gold_fail), "missing_answer": float(missing)}
         return res
 

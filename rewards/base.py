@@ -18,19 +18,21 @@ Plugins that batch (``accuracy`` uses a worker pool) override ``__call__``.
 components, the correctness ``c_i`` (from one plugin alone, ``accuracy`` by default) and
 metrics to log.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from framework.registry import REWARDS
 
 log = logging.getLogger(__name__)
 
-MAX_ERRORS = 5                # error messages kept per RewardResult
+MAX_ERRORS = 5  # error messages kept per RewardResult
 CORRECT_THRESHOLD = 1.0 - 1e-6
 
 
@@ -39,9 +41,9 @@ class RewardResult:
     """Scores of one plugin for one batch of completions."""
 
     scores: list[float] = field(default_factory=list)
-    failures: int = 0          # completions whose scoring raised (scored 0.0)
-    timeouts: int = 0          # completions whose scoring timed out (scored 0.0)
-    errors: list[str] = field(default_factory=list)   # first MAX_ERRORS failure messages
+    failures: int = 0  # completions whose scoring raised (scored 0.0)
+    timeouts: int = 0  # completions whose scoring timed out (scored 0.0)
+    errors: list[str] = field(default_factory=list)  # first MAX_ERRORS failure messages
     stats: dict[str, float] = field(default_factory=dict)  # extra counters to log
 
     def add_failure(self, err: BaseException | str) -> None:
@@ -61,7 +63,7 @@ def extract_answer(completion: str) -> str | None:
     start = completion.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    return completion[start + len("<answer>"):end].strip()
+    return completion[start + len("<answer>") : end].strip()
 
 
 def record_name(record: Mapping[str, Any]) -> str:
@@ -93,7 +95,7 @@ def gold_answer(record: Mapping[str, Any]) -> str:
 class Reward:
     """Base class of reward plugins. Constructor keyword params come from the config."""
 
-    name: str = ""   # the registered name; RewardSet sets it on instances
+    name: str = ""  # the registered name; RewardSet sets it on instances
 
     def score(self, completion: str, record: dict) -> float:
         raise NotImplementedError
@@ -122,8 +124,7 @@ class Reward:
 def _check_lengths(completions: Sequence[Any], records: Sequence[Any]) -> None:
     if len(completions) != len(records):
         raise ValueError(
-            f"got {len(completions)} completions but {len(records)} records; "
-            "pass one record per completion"
+            f"got {len(completions)} completions but {len(records)} records; pass one record per completion"
         )
 
 
@@ -178,8 +179,7 @@ class RewardSet:
     weight 0 (and added with weight 0 when it is not among the components).
     """
 
-    def __init__(self, components: Mapping[str, Mapping[str, Any] | None],
-                 correctness: str = "accuracy"):
+    def __init__(self, components: Mapping[str, Mapping[str, Any] | None], correctness: str = "accuracy"):
         if not isinstance(components, Mapping) or not components:
             raise ValueError("RewardSet needs a non-empty mapping {reward_name: {weight, ...}}")
         self.rewards: dict[str, Reward] = {}
@@ -193,7 +193,7 @@ class RewardSet:
                 try:
                     weight = float(weight)
                 except (TypeError, ValueError):
-                    raise ValueError(f"reward '{name}': weight must be a number, got {weight!r}")
+                    raise ValueError(f"reward '{name}': weight must be a number, got {weight!r}") from None
                 if not math.isfinite(weight):
                     raise ValueError(f"reward '{name}': weight must be finite, got {weight}")
                 self.rewards[name] = build_reward(name, params)
@@ -206,16 +206,13 @@ class RewardSet:
             raise
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "RewardSet":
+    def from_config(cls, cfg: Mapping[str, Any]) -> RewardSet:
         """From ``{correctness: str, components: {name: {weight, **params}}}``."""
         if not isinstance(cfg, Mapping):
             raise ValueError(f"reward config must be a mapping, got {type(cfg).__name__}")
         unknown = sorted(set(cfg) - {"correctness", "components"})
         if unknown:
-            raise ValueError(
-                f"unknown key(s) {unknown} in the reward config; expected 'correctness' "
-                "and 'components'"
-            )
+            raise ValueError(f"unknown key(s) {unknown} in the reward config; expected 'correctness' and 'components'")
         if "components" not in cfg:
             raise ValueError("the reward config needs 'components: {name: {weight: ...}}'")
         return cls(cfg["components"], correctness=cfg.get("correctness", "accuracy"))
@@ -243,12 +240,17 @@ class RewardSet:
                         s = 0.0
                     scores.append(s)
             except Exception as e:  # noqa: BLE001 - the step goes on with zeros
-                res = RewardResult(scores=[0.0] * n, failures=n,
-                                   errors=[f"{type(e).__name__}: {e}"])
+                res = RewardResult(scores=[0.0] * n, failures=n, errors=[f"{type(e).__name__}: {e}"])
                 scores = res.scores
             if res.failures or res.timeouts:
-                log.warning("reward '%s': %d failures, %d timeouts of %d; first errors: %s",
-                            name, res.failures, res.timeouts, n, res.errors[:3])
+                log.warning(
+                    "reward '%s': %d failures, %d timeouts of %d; first errors: %s",
+                    name,
+                    res.failures,
+                    res.timeouts,
+                    n,
+                    res.errors[:3],
+                )
             components[name] = scores
             w = self.weights[name]
             if w:
@@ -270,7 +272,7 @@ class RewardSet:
             except Exception:  # noqa: BLE001
                 log.exception("closing reward %r failed", r)
 
-    def __enter__(self) -> "RewardSet":
+    def __enter__(self) -> RewardSet:
         return self
 
     def __exit__(self, *exc) -> None:

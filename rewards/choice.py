@@ -5,11 +5,12 @@ Letters are matched as whole letters, never as substrings: ``"B"``, ``"(B)"``, `
 ``"Because"`` give nothing. Valid letters are A.. up to ``len(choices)`` (A..Z without
 choices). The gold answer may be a letter or the text of one of the choices.
 """
+
 from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from framework.registry import REWARDS
 
@@ -81,7 +82,7 @@ def extract_choice_letter(text: str | None, num_choices: int | None = None) -> s
         if letter not in valid:
             continue
         # "A cat", "I think": a word, not a choice
-        as_word = letter in "AI" and re.match(r"\s+[a-z]", t[m.end():]) is not None
+        as_word = letter in "AI" and re.match(r"\s+[a-z]", t[m.end() :]) is not None
         found[letter] = found.get(letter, False) or not as_word
     if len(found) == 1:
         letter, ok = next(iter(found.items()))

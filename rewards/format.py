@@ -6,6 +6,7 @@ four tags anywhere, and non-whitespace content in both blocks. Anything else sco
 text before ``<think>``, between ``</think>`` and ``<answer>`` or after ``</answer>``,
 a second (or nested, or unclosed) tag, an empty block.
 """
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ Length is measured on the whole completion (surrounding whitespace stripped) in
 ``mode="penalty"`` (the only mode): ``-min(1, max(0, length - target) / target)``, i.e. 0.0
 up to the target, falling linearly to -1.0 at twice the target and clipped there.
 """
+
 from __future__ import annotations
 
 from framework.registry import REWARDS

@@ -7,6 +7,7 @@ one number ("x = 5", "5 cm") gives that number; otherwise (none, or several) it 
 parse. Score 1.0 iff ``math.isclose(pred, gold, rel_tol, abs_tol)``; an unparsable
 prediction scores 0.0; an unparsable gold answer is a data error (a failure).
 """
+
 from __future__ import annotations
 
 import math

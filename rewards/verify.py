@@ -20,6 +20,7 @@ integer). So verification runs in persistent worker processes:
 ``workers=0`` skips all this and verifies in-process with math-verify's timeouts disabled
 (no timeout at all: for tests and debugging).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ _WRAP_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|boxed)\s*\{
 
 
 # --------------------------------------------------------------------------- verification
+
 
 def normalize_text(s: str) -> str:
     """Lowercase, collapse whitespace, drop surrounding ``$``, ``\\text{}``-like wrappers and
@@ -136,6 +138,7 @@ def _quiet_math_verify() -> None:
 
 # --------------------------------------------------------------------------- worker side
 
+
 class _SoftTimeout(BaseException):
     """Raised by SIGALRM in a worker; BaseException so math-verify's ``except Exception``
     cannot swallow it."""
@@ -163,14 +166,14 @@ def _worker_main() -> None:
     import signal
 
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # replies go here ...
-    os.dup2(2, 1)                                   # ... stray prints go to stderr
+    os.dup2(2, 1)  # ... stray prints go to stderr
     sys.stdout = sys.stderr
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's business
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
 
     def on_alarm(signum, frame):
         raise _SoftTimeout()
 
-    verify_answer("\\frac{1}{2}", "0.5")           # import + warm up (parser caches)
+    verify_answer("\\frac{1}{2}", "0.5")  # import + warm up (parser caches)
     signal.signal(signal.SIGALRM, on_alarm)
     proto.write('{"ready": true}\n')
     for line in sys.stdin:
@@ -199,11 +202,15 @@ def _worker_main() -> None:
 
 # --------------------------------------------------------------------------- parent side
 
+
 class _Worker:
     def __init__(self, env: dict[str, str]):
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from rewards.verify import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
             cwd=_PKG_PARENT,
         )
         self.fd = self.proc.stdout.fileno()
@@ -211,7 +218,7 @@ class _Worker:
         self.buf = b""
         self.ready = False
         self.spawned_at = time.monotonic()
-        self.task: int | None = None      # index of the item being verified
+        self.task: int | None = None  # index of the item being verified
         self.sent_at = 0.0
 
     def send(self, obj: dict) -> None:
@@ -229,7 +236,7 @@ class _Worker:
             except BlockingIOError:
                 break
             if not chunk:
-                return None if not out else out
+                return out if out else None
             self.buf += chunk
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
@@ -290,7 +297,7 @@ class VerifyPool:
         self._lock = threading.Lock()
         self._closed = False
         self.restarts = 0
-        self.start_cost_s: float | None = None   # first start: spawn until all ready
+        self.start_cost_s: float | None = None  # first start: spawn until all ready
         self._env = dict(os.environ)
         self._env["PYTHONPATH"] = os.pathsep.join(
             [_PKG_PARENT] + [p for p in self._env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -370,8 +377,7 @@ class VerifyPool:
                             pending.appendleft(i)
                             sel.unregister(w.fd)
                             self._remove(w)
-                            sel.register(self._spawn().fd, selectors.EVENT_READ,
-                                         self._workers[-1])
+                            sel.register(self._spawn().fd, selectors.EVENT_READ, self._workers[-1])
                             self.restarts += 1
                             continue
                         w.task, w.sent_at = i, time.monotonic()
@@ -403,15 +409,13 @@ class VerifyPool:
                         rc = w.proc.poll()
                         sel.unregister(w.fd)
                         if w.task is not None:
-                            results[w.task] = {"status": "error",
-                                               "error": f"verify worker died (exit code {rc})"}
+                            results[w.task] = {"status": "error", "error": f"verify worker died (exit code {rc})"}
                             n_done += 1
                         elif not w.ready:
                             start_failures += 1
                             if start_failures >= 3:
                                 raise RuntimeError(
-                                    f"math-verify workers fail to start (exit code {rc}); "
-                                    "see their stderr above"
+                                    f"math-verify workers fail to start (exit code {rc}); see their stderr above"
                                 )
                         self._remove(w, kill=False)
                         nw = self._spawn()
@@ -423,8 +427,7 @@ class VerifyPool:
                     hung = w.task is not None and now > w.sent_at + self.timeout_s + self.grace_s
                     stuck = not w.ready and now > w.spawned_at + self.START_TIMEOUT_S
                     if stuck:
-                        raise RuntimeError(
-                            f"a math-verify worker did not start in {self.START_TIMEOUT_S:.0f}s")
+                        raise RuntimeError(f"a math-verify worker did not start in {self.START_TIMEOUT_S:.0f}s")
                     if hung:
                         results[w.task] = {"status": "timeout", "hard": True}
                         n_done += 1
@@ -433,8 +436,7 @@ class VerifyPool:
                         nw = self._spawn()
                         sel.register(nw.fd, selectors.EVENT_READ, nw)
                         self.restarts += 1
-                        log.warning("math-verify worker hung past %.1fs; replaced it",
-                                    self.timeout_s + self.grace_s)
+                        log.warning("math-verify worker hung past %.1fs; replaced it", self.timeout_s + self.grace_s)
         except BaseException:
             # leave no worker mid-item: the next call must not read stale replies
             for w in list(self._workers):
@@ -446,5 +448,4 @@ class VerifyPool:
         return results  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return (f"VerifyPool(workers={self.num_workers}, timeout_s={self.timeout_s}, "
-                f"running={len(self._workers)})")
+        return f"VerifyPool(workers={self.num_workers}, timeout_s={self.timeout_s}, running={len(self._workers)})"

@@ -1,4 +1,5 @@
 """Tests of the trainer-facing Algorithm classes, their configs and the plugin path."""
+
 import math
 import statistics
 import sys
@@ -46,26 +47,33 @@ def test_build_from_yaml(path):
     algo = build_algorithm(cfg, total_steps=100)
     assert isinstance(algo, ALGORITHMS.get(cfg.name))
     # every key in the yaml is a Config field (a typo would have raised) and round-trips
-    assert OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(algo.cfg), cfg)) == \
-        OmegaConf.to_container(OmegaConf.structured(algo.cfg))
+    assert OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(algo.cfg), cfg)) == OmegaConf.to_container(
+        OmegaConf.structured(algo.cfg)
+    )
 
 
 def test_yaml_recipes():
     load = lambda n: build_algorithm(OmegaConf.load(ROOT / f"configs/algorithm/{n}.yaml"), 1000)  # noqa: E731
     grpo = load("grpo")
-    assert (grpo.beta(0), grpo.cfg.kl.estimator, grpo.cfg.clip_low, grpo.cfg.loss_agg) == \
-        (0.04, "k3", 0.2, "seq_mean_token_mean")
+    assert (grpo.beta(0), grpo.cfg.kl.estimator, grpo.cfg.clip_low, grpo.cfg.loss_agg) == (
+        0.04,
+        "k3",
+        0.2,
+        "seq_mean_token_mean",
+    )
     dr = load("dr_grpo")
-    assert (dr.cfg.advantage.scale, dr.cfg.loss_agg, dr.needs_reference) == \
-        ("none", "seq_mean_token_sum_norm", False)
+    assert (dr.cfg.advantage.scale, dr.cfg.loss_agg, dr.needs_reference) == ("none", "seq_mean_token_sum_norm", False)
     dapo = load("dapo")
-    assert (dapo.cfg.clip_high, dapo.cfg.loss_agg, dapo.cfg.filter_groups.enabled,
-            dapo.needs_reference) == (0.28, "token_mean", True, False)
+    assert (dapo.cfg.clip_high, dapo.cfg.loss_agg, dapo.cfg.filter_groups.enabled, dapo.needs_reference) == (
+        0.28,
+        "token_mean",
+        True,
+        False,
+    )
     gd = load("grpo_d")
     assert gd.needs_reference and gd.beta(0) == pytest.approx(0.01) and gd.beta(300) == 0.0
     gdc = load("grpo_d_counting")
-    assert [round(gdc.beta(s), 6) for s in (0, 150, 300, 650, 1000)] == \
-        [0.07, 0.055, 0.04, 0.07, 0.1]
+    assert [round(gdc.beta(s), 6) for s in (0, 150, 300, 650, 1000)] == [0.07, 0.055, 0.04, 0.07, 0.1]
     apo = load("apo")
     assert apo.beta(0) == 1e-3 and apo.cfg.dads.enabled and apo.cfg.stcr.enabled
 
@@ -76,28 +84,34 @@ def test_defaults_without_yaml():
     assert apo.cfg.kl.coef == 1e-3 and apo.cfg.stcr.lam == 1.00001
 
 
-@pytest.mark.parametrize("cfg,key", [
-    ({"name": "grpo", "lr": 1e-6}, "algorithm.lr"),
-    ({"name": "grpo", "kl": {"beta": 0.1}}, "algorithm.kl.beta"),
-    ({"name": "grpo", "dads": {"enabled": True}}, "algorithm.dads"),
-])
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"name": "grpo", "lr": 1e-6}, "algorithm.lr"),
+        ({"name": "grpo", "kl": {"beta": 0.1}}, "algorithm.kl.beta"),
+        ({"name": "grpo", "dads": {"enabled": True}}, "algorithm.dads"),
+    ],
+)
 def test_unknown_key(cfg, key):
     with pytest.raises(ValueError, match="unknown key") as e:
         build_algorithm(cfg, 10)
     assert key in str(e.value) and "allowed keys" in str(e.value)
 
 
-@pytest.mark.parametrize("cfg,key", [
-    ({"name": "grpo", "loss_agg": "mean"}, "loss_agg"),
-    ({"name": "grpo", "advantage": {"scale": "std"}}, "advantage.scale"),
-    ({"name": "grpo", "kl": {"estimator": "k4"}}, "kl.estimator"),
-    ({"name": "grpo", "kl": {"schedule": {"name": "exp"}}}, "kl.schedule.name"),
-    ({"name": "grpo", "kl": {"coef": -0.1}}, "kl.coef"),
-    ({"name": "grpo", "ppo_epochs": 0}, "ppo_epochs"),
-    ({"name": "grpo", "clip_low": "big"}, "clip_low"),
-    ({"name": "apo", "dads": {"variant": "linear"}}, "dads.variant"),
-    ({"name": "apo", "stcr": {"length_unit": "words"}}, "stcr.length_unit"),
-])
+@pytest.mark.parametrize(
+    "cfg,key",
+    [
+        ({"name": "grpo", "loss_agg": "mean"}, "loss_agg"),
+        ({"name": "grpo", "advantage": {"scale": "std"}}, "advantage.scale"),
+        ({"name": "grpo", "kl": {"estimator": "k4"}}, "kl.estimator"),
+        ({"name": "grpo", "kl": {"schedule": {"name": "exp"}}}, "kl.schedule.name"),
+        ({"name": "grpo", "kl": {"coef": -0.1}}, "kl.coef"),
+        ({"name": "grpo", "ppo_epochs": 0}, "ppo_epochs"),
+        ({"name": "grpo", "clip_low": "big"}, "clip_low"),
+        ({"name": "apo", "dads": {"variant": "linear"}}, "dads.variant"),
+        ({"name": "apo", "stcr": {"length_unit": "words"}}, "stcr.length_unit"),
+    ],
+)
 def test_bad_value(cfg, key):
     with pytest.raises(ValueError) as e:
         build_algorithm(cfg, 10)
@@ -114,12 +128,11 @@ def test_unknown_algorithm():
 def test_needs_reference_and_old_logprobs():
     assert not build_algorithm({"name": "grpo", "kl": {"coef": 0.0}}, 10).needs_reference
     assert build_algorithm({"name": "grpo"}, 10).needs_reference
-    assert build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_min": 0.0}}},
-                           10).needs_reference
-    assert not build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_max": 0.0}}},
-                               10).needs_reference
-    assert build_algorithm({"name": "grpo", "kl": {"coef": 0.0, "schedule": {
-        "name": "linear", "end": 0.01}}}, 10).needs_reference
+    assert build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_min": 0.0}}}, 10).needs_reference
+    assert not build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_max": 0.0}}}, 10).needs_reference
+    assert build_algorithm(
+        {"name": "grpo", "kl": {"coef": 0.0, "schedule": {"name": "linear", "end": 0.01}}}, 10
+    ).needs_reference
     a = build_algorithm({"name": "grpo"}, 10)
     assert (a.ppo_epochs, a.needs_old_logprobs) == (1, False)
     a = build_algorithm({"name": "grpo", "ppo_epochs": 2}, 10)
@@ -134,8 +147,7 @@ def test_grpo_prepare():
     m = algo.prepare(ro, step=5)
     g = rewards[:4]
     want = [(r - sum(g) / 4) / (statistics.stdev(g) + 1e-4) for r in g] + [0.0] * 4
-    torch.testing.assert_close(ro.advantages.double(), torch.tensor(want, dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(ro.advantages.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
     assert torch.all(ro.kl_coef == 0.04)
     assert m["frac_reward_zero_std"] == 0.5 and m["beta"] == 0.04
     assert {"advantages/mean", "advantages/std", "beta/effective"} <= set(m)
@@ -146,48 +158,40 @@ def test_apo_prepare():
     # group 1: all wrong -> A = 0, w = 1, beta_i = beta
     correct = [1, 1, 0, 0, 0, 0, 0, 0]
     rewards = [c + 0.5 for c in correct]  # accuracy + 0.5 * format (format all 1)
-    ro = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8],
-                      dtype=torch.float64)
+    ro = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
     algo = build_algorithm({"name": "apo"}, 100)
     m = algo.prepare(ro, step=0)
-    a = 0.5 / (statistics.stdev([1.5, 1.5, 0.5, 0.5]) + 1e-4)   # |A| in group 0
-    w = 2 - 1.00001 ** -285
+    a = 0.5 / (statistics.stdev([1.5, 1.5, 0.5, 0.5]) + 1e-4)  # |A| in group 0
+    w = 2 - 1.00001**-285
     want_adv = [a, a, -a * w, -a, 0, 0, 0, 0]
-    torch.testing.assert_close(ro.advantages, torch.tensor(want_adv, dtype=torch.float64),
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(ro.advantages, torch.tensor(want_adv, dtype=torch.float64), atol=1e-12, rtol=0)
     f = 1 - math.exp(-math.e * 0.5)
     want_kl = [1e-3 * f, 1e-3 * f] + [1e-3] * 6
-    torch.testing.assert_close(ro.kl_coef, torch.tensor(want_kl, dtype=torch.float64),
-                               atol=1e-15, rtol=0)
+    torch.testing.assert_close(ro.kl_coef, torch.tensor(want_kl, dtype=torch.float64), atol=1e-15, rtol=0)
     assert m["stcr/frac_penalised"] == pytest.approx(1 / 8)
     assert m["stcr/mean_weight"] == pytest.approx((7 + w) / 8)
     assert m["dads/frac_positive"] == pytest.approx(2 / 8)
     assert m["dads/mean_weight"] == pytest.approx(f)
     assert m["beta/effective"] == pytest.approx(sum(want_kl) / 8)
 
-    off = build_algorithm({"name": "apo", "dads": {"enabled": False},
-                           "stcr": {"enabled": False}}, 100)
-    ro2 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8],
-                       dtype=torch.float64)
+    off = build_algorithm({"name": "apo", "dads": {"enabled": False}, "stcr": {"enabled": False}}, 100)
+    ro2 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
     off.prepare(ro2, 0)
     grpo = build_algorithm({"name": "grpo", "kl": {"coef": 1e-3}}, 100)
-    ro3 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8],
-                       dtype=torch.float64)
+    ro3 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
     grpo.prepare(ro3, 0)
     assert torch.equal(ro2.advantages, ro3.advantages) and torch.equal(ro2.kl_coef, ro3.kl_coef)
 
 
 def test_grpo_d_prepare_uses_schedule():
-    algo = build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_min": 0.04,
-                                                                 "beta_max": 0.1}}}, 200)
+    algo = build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_min": 0.04, "beta_max": 0.1}}}, 200)
     ro = make_rollout([1.0, 0.0], [1, 0], [0, 0], [2, 2])
     assert algo.prepare(ro, step=30)["beta"] == pytest.approx(0.055)
     assert torch.allclose(ro.kl_coef, torch.full((2,), 0.055))
 
 
 def test_keep_groups():
-    ro = make_rollout([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [1, 0, 1, 1, 0, 0], [4, 4, 2, 2, 9, 9],
-                      [2] * 6)
+    ro = make_rollout([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], [1, 0, 1, 1, 0, 0], [4, 4, 2, 2, 9, 9], [2] * 6)
     dapo = build_algorithm(OmegaConf.load(ROOT / "configs/algorithm/dapo.yaml"), 10)
     assert dapo.keep_groups(ro).tolist() == [False, True, False]  # sorted ids 2, 4, 9
     assert build_algorithm({"name": "grpo"}, 10).keep_groups(ro).tolist() == [True] * 3
@@ -215,8 +219,7 @@ def reference_loss(logp, logp_old, logp_ref, mask, adv, kl_coef, cfg, B, n_tok, 
                 continue
             rho = torch.exp(logp[i, t] - logp_old[i, t])
             a = float(adv[i])
-            clipped = min(max(rho, torch.tensor(lo, dtype=rho.dtype)),
-                          torch.tensor(hi, dtype=rho.dtype))
+            clipped = min(max(rho, torch.tensor(lo, dtype=rho.dtype)), torch.tensor(hi, dtype=rho.dtype))
             pi.append(-torch.minimum(rho * a, clipped * a))
             x = logp_ref[i, t] - logp[i, t]
             k = {"k1": -x, "k2": x * x / 2, "k3": torch.exp(x) - x - 1}[cfg["estimator"]]
@@ -226,13 +229,16 @@ def reference_loss(logp, logp_old, logp_ref, mask, adv, kl_coef, cfg, B, n_tok, 
     return reduce(pol, cfg["loss_agg"]) + reduce(kl, cfg["kl_agg"])
 
 
-@pytest.mark.parametrize("overrides", [
-    {"name": "grpo"},
-    {"name": "grpo", "ppo_epochs": 2, "kl": {"estimator": "k1"}},
-    {"name": "grpo", "loss_agg": "token_mean", "clip_high": 0.28, "kl": {"estimator": "k2"}},
-    {"name": "grpo", "loss_agg": "seq_mean_token_sum_norm", "advantage": {"scale": "none"}},
-    {"name": "apo", "loss_agg": "token_mean", "kl_agg": "seq_mean_token_mean", "ppo_epochs": 2},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"name": "grpo"},
+        {"name": "grpo", "ppo_epochs": 2, "kl": {"estimator": "k1"}},
+        {"name": "grpo", "loss_agg": "token_mean", "clip_high": 0.28, "kl": {"estimator": "k2"}},
+        {"name": "grpo", "loss_agg": "seq_mean_token_sum_norm", "advantage": {"scale": "none"}},
+        {"name": "apo", "loss_agg": "token_mean", "kl_agg": "seq_mean_token_mean", "ppo_epochs": 2},
+    ],
+)
 def test_loss_gradient_against_reference(overrides):
     g = torch.Generator().manual_seed(3)
     N, T, L_max = 8, 6, 9
@@ -243,8 +249,9 @@ def test_loss_gradient_against_reference(overrides):
     algo = build_algorithm(overrides, 50)
     algo.prepare(ro, step=10)
     logp_now = -torch.rand(N, T, generator=g, dtype=torch.float64) * 2
-    ro.logp_old = (logp_now + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64)
-                   if algo.needs_old_logprobs else None)
+    ro.logp_old = (
+        logp_now + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64) if algo.needs_old_logprobs else None
+    )
     ro.logp_ref = logp_now + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)
     norm = LossNormalizer(num_sequences=N, num_tokens=float(sum(lengths)), max_len=L_max)
 
@@ -253,12 +260,17 @@ def test_loss_gradient_against_reference(overrides):
     loss.backward()
 
     logp_r = logp_now.clone().requires_grad_(True)
-    cfg = {"clip_low": algo.cfg.clip_low, "clip_high": algo.cfg.clip_high,
-           "loss_agg": algo.cfg.loss_agg, "kl_agg": algo.cfg.kl_agg or algo.cfg.loss_agg,
-           "estimator": algo.cfg.kl.estimator}
+    cfg = {
+        "clip_low": algo.cfg.clip_low,
+        "clip_high": algo.cfg.clip_high,
+        "loss_agg": algo.cfg.loss_agg,
+        "kl_agg": algo.cfg.kl_agg or algo.cfg.loss_agg,
+        "estimator": algo.cfg.kl.estimator,
+    }
     old = ro.logp_old if ro.logp_old is not None else logp_now
-    ref = reference_loss(logp_r, old, ro.logp_ref, ro.completion_mask, ro.advantages,
-                         ro.kl_coef, cfg, N, sum(lengths), L_max)
+    ref = reference_loss(
+        logp_r, old, ro.logp_ref, ro.completion_mask, ro.advantages, ro.kl_coef, cfg, N, sum(lengths), L_max
+    )
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-10
     assert (logp.grad - logp_r.grad).abs().max().item() < 1e-10
@@ -271,7 +283,7 @@ def test_loss_gradient_against_reference(overrides):
 
     # micro-batches: losses, gradients and metrics sum to the full mini-batch
     logp_mb = logp_now.clone().requires_grad_(True)
-    total = {k: 0.0 for k in metrics}
+    total = dict.fromkeys(metrics, 0.0)
     for idx in (torch.tensor([0, 1, 2]), torch.tensor([3]), torch.tensor([4, 5, 6, 7])):
         mb = ro.select(idx)
         l_mb, m_mb = algo.loss(logp_mb[idx], mb, norm)

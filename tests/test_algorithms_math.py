@@ -1,5 +1,6 @@
 """Golden-value tests of the pure math in algorithms/ (references written independently,
 in plain Python / float64)."""
+
 import math
 import statistics
 import sys
@@ -70,20 +71,27 @@ def test_group_advantage_scale_is_validated():
 
 
 # ------------------------------------------------------------------ aggregation
-L = torch.tensor([[1.0, 2.0, 3.0, 100.0, 100.0],
-                  [4.0, 5.0, 100.0, 100.0, 100.0],
-                  [7.0, 8.0, 9.0, 10.0, 100.0],
-                  [100.0, 100.0, 100.0, 100.0, 100.0]], dtype=torch.float64)
-M = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]],
-                 dtype=torch.float64)
+L = torch.tensor(
+    [
+        [1.0, 2.0, 3.0, 100.0, 100.0],
+        [4.0, 5.0, 100.0, 100.0, 100.0],
+        [7.0, 8.0, 9.0, 10.0, 100.0],
+        [100.0, 100.0, 100.0, 100.0, 100.0],
+    ],
+    dtype=torch.float64,
+)
+M = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.float64)
 NORM = LossNormalizer(num_sequences=4, num_tokens=9, max_len=5)
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("seq_mean_token_mean", (6 / 3 + 9 / 2 + 34 / 4 + 0) / 4),   # 3.75
-    ("token_mean", 49 / 9),
-    ("seq_mean_token_sum_norm", 49 / (4 * 5)),
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("seq_mean_token_mean", (6 / 3 + 9 / 2 + 34 / 4 + 0) / 4),  # 3.75
+        ("token_mean", 49 / 9),
+        ("seq_mean_token_sum_norm", 49 / (4 * 5)),
+    ],
+)
 def test_aggregate_by_hand(mode, expected):
     per_token = L.clone().requires_grad_(True)
     out = aggregate(per_token, M, mode, NORM)
@@ -119,11 +127,14 @@ def test_aggregate_bad_mode():
 
 
 # ------------------------------------------------------------------ KL estimators
-@pytest.mark.parametrize("logp,logp_ref,k1,k2,k3", [
-    (-1.0, -1.5, 0.5, 0.125, math.exp(-0.5) + 0.5 - 1),
-    (-2.0, -1.7, -0.3, 0.045, math.exp(0.3) - 0.3 - 1),
-    (-0.7, -0.7, 0.0, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "logp,logp_ref,k1,k2,k3",
+    [
+        (-1.0, -1.5, 0.5, 0.125, math.exp(-0.5) + 0.5 - 1),
+        (-2.0, -1.7, -0.3, 0.045, math.exp(0.3) - 0.3 - 1),
+        (-0.7, -0.7, 0.0, 0.0, 0.0),
+    ],
+)
 def test_kl_estimators(logp, logp_ref, k1, k2, k3):
     lp = torch.tensor([[logp]], dtype=torch.float64)
     lr = torch.tensor([[logp_ref]], dtype=torch.float64)
@@ -146,8 +157,7 @@ def test_grpo_d_known_values():
     for prog, want in zip([0, 0.15, 0.30, 0.65, 1.0], [0.070, 0.055, 0.040, 0.070, 0.100]):
         got = grpo_d(prog * T, T, beta_min=0.04, beta_max=0.10, explore_frac=0.3)
         assert got == pytest.approx(want, abs=1e-12)
-    sched = make_schedule({"name": "grpo_d", "beta_min": 0.04, "beta_max": 0.1,
-                           "explore_frac": 0.3})
+    sched = make_schedule({"name": "grpo_d", "beta_min": 0.04, "beta_max": 0.1, "explore_frac": 0.3})
     assert sched(150, 1000) == pytest.approx(0.055, abs=1e-12)
     assert sched.peak == 0.1
 
@@ -197,7 +207,7 @@ def test_dads_release_values():
     c, g, a = _dads_batch()
     f = dads_weights(c, g, a, variant="release")
     for k in range(1, 8):
-        block = f[8 * k: 8 * k + 8]
+        block = f[8 * k : 8 * k + 8]
         assert [round(x, 4) for x in block[:k].tolist()] == [DADS_EXPECTED[k - 1]] * k
         assert torch.all(block[k:] == 1.0)  # negatives
     assert torch.all(f[:8] == 1.0) and torch.all(f[64:] == 1.0)  # all wrong / all correct
@@ -227,10 +237,10 @@ def test_stcr_values():
     adv = torch.tensor([1.2, 1.2, -0.8, -0.8, -0.8, -0.8, -0.5, -0.5])
     w = stcr_weights(lengths, correct, groups, adv, lam=1.00001)
     assert [round(x, 4) for x in w[2:5].tolist()] == [1.0010, 1.0100, 1.0401]
-    assert w[2].item() == pytest.approx(2 - 1.00001 ** -100, abs=1e-7)
-    assert w[0].item() == 1.0 and w[1].item() == 1.0      # correct samples
-    assert w[5].item() == 1.0                              # shorter than the correct mean
-    assert torch.all(w[6:] == 1.0)                         # group without a correct answer
+    assert w[2].item() == pytest.approx(2 - 1.00001**-100, abs=1e-7)
+    assert w[0].item() == 1.0 and w[1].item() == 1.0  # correct samples
+    assert w[5].item() == 1.0  # shorter than the correct mean
+    assert torch.all(w[6:] == 1.0)  # group without a correct answer
     assert torch.all((w >= 1) & (w < 2))
 
 
@@ -241,7 +251,7 @@ def test_stcr_only_negative_advantage_switch():
     adv = torch.tensor([1.0, 0.3, -1.0])  # sample 1: incorrect but A > 0 (format reward)
     w_on = stcr_weights(lengths, correct, groups, adv, only_negative_advantage=True)
     w_off = stcr_weights(lengths, correct, groups, adv, only_negative_advantage=False)
-    expected = 2 - 1.00001 ** -500
+    expected = 2 - 1.00001**-500
     assert w_on[1].item() == 1.0
     assert w_off[1].item() == pytest.approx(expected, abs=1e-7)
     assert w_on[2].item() == pytest.approx(expected, abs=1e-7) == w_off[2].item()
@@ -256,8 +266,7 @@ def test_on_policy_gradient_is_advantage_over_length():
     lengths, T = [4, 2, 5, 1], 5
     mask = _lengths_mask(lengths, T)
     adv = torch.tensor([1.5, -0.7, 0.3, -2.0], dtype=torch.float64)
-    logp = (-torch.rand(4, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-            ).requires_grad_(True)
+    logp = (-torch.rand(4, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
     s, low, high = clipped_surrogate(logp, logp.detach(), adv, 0.2, 0.2)
     assert not low.any() and not high.any()
     torch.testing.assert_close(s, adv[:, None].expand(4, T), rtol=0, atol=0)
@@ -270,8 +279,7 @@ def test_on_policy_gradient_is_advantage_over_length():
 def test_clip_binds_outside_the_range():
     # rho = exp(delta); columns: rho >1.2 (A>0 clipped), rho <0.8 (A<0 clipped),
     # rho >1.2 with A<0 (not clipped), rho in range
-    deltas = torch.tensor([[0.5, -0.5, 0.5, 0.05],
-                           [0.5, -0.5, 0.5, 0.05]], dtype=torch.float64)
+    deltas = torch.tensor([[0.5, -0.5, 0.5, 0.05], [0.5, -0.5, 0.5, 0.05]], dtype=torch.float64)
     adv = torch.tensor([2.0, -3.0], dtype=torch.float64)
     logp_old = torch.full((2, 4), -1.0, dtype=torch.float64)
     logp = (logp_old + deltas).requires_grad_(True)

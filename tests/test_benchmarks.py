@@ -1,6 +1,7 @@
 """Benchmark suites: the evaluator's metrics, the benchmark loaders on fixtures in each real
 schema, a shortened `smoke` suite (report, plots, a failing run, re-running skips finished
 runs, W&B group) and `python -m benchmarks.evaluate` on a checkpoint the suite saved."""
+
 from __future__ import annotations
 
 import itertools
@@ -70,20 +71,27 @@ def _fmt(ans):
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_evaluator_metrics_on_scripted_completions(vl_bundle, batch_size):
-    from framework.evaluation import Evaluator, EvalSettings, pass_at_k
+    from framework.evaluation import EvalSettings, Evaluator, pass_at_k
     from framework.rollout.base import SamplingParams
     from rewards.base import RewardSet
 
-    records = [{"id": "a", "question": "How many?", "answer": "3", "images": [], "choices": []},
-               {"id": "b", "question": "How many?", "answer": "5", "images": [], "choices": []}]
+    records = [
+        {"id": "a", "question": "How many?", "answer": "3", "images": [], "choices": []},
+        {"id": "b", "question": "How many?", "answer": "5", "images": [], "choices": []},
+    ]
     script = {
-        "a": {"greedy": _fmt(3), "sampled": [_fmt(3), _fmt(4), _fmt(3), "3"]},             # 2 of 4 correct
+        "a": {"greedy": _fmt(3), "sampled": [_fmt(3), _fmt(4), _fmt(3), "3"]},  # 2 of 4 correct
         "b": {"greedy": _fmt("seven, maybe six"), "sampled": [_fmt(4), _fmt(6), "no", _fmt(1)]},  # 0 of 4
     }
     engine = ScriptedEngine(vl_bundle, script)
     rewards = RewardSet({"accuracy": {"weight": 1.0, "workers": 0}, "format": {"weight": 1.0}})
-    settings = EvalSettings(greedy=SamplingParams(temperature=0.0), sampled=SamplingParams(temperature=1.0),
-                            pass_k=2, num_samples=4, batch_size=batch_size)
+    settings = EvalSettings(
+        greedy=SamplingParams(temperature=0.0),
+        sampled=SamplingParams(temperature=1.0),
+        pass_k=2,
+        num_samples=4,
+        batch_size=batch_size,
+    )
     out = Evaluator(engine, vl_bundle, rewards, {"system_prompt": None}, settings).run(records)
     rewards.close()
     length = lambda t: len(vl_bundle.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1  # noqa: E731 (+ EOS)
@@ -124,37 +132,87 @@ RED, GREEN, BLUE, YELLOW, GRAY = (220, 30, 30), (30, 160, 50), (30, 70, 220), (2
 # benchmark -> (overrides pointing at the fixture, split, expected [(id or None, answer, choices, image colours,
 #               question placeholder count, a substring of the question)])
 LOADER_CASES = {
-    "mathvista": ([f"data.hub_id={FIX}/mathvista"], "test", [
-        ("1", "B", ["6", "8", "10"], [RED], 0, "Choices:\n(A) 6"),
-        ("2", "1000", [], [GREEN], 0, "(Unit: g)"),
-        ("3", "1.2", [], [BLUE], 0, "one decimal place")]),
-    "mathverse": ([f"data.hub_id={FIX}/mathverse"], "test", [
-        ("1", "C", ["40°", "50°", "130°", "140°"], [RED], 0, "Find angle 2."),
-        ("5", "C", [], [GREEN], 0, "question shown in the image"),
-        ("6", "4\\pi", [], [BLUE], 0, "radius 2")]),
-    "mmk12": ([f"data.hub_id={FIX}/mmk12"], "test", [
-        ("1b879781-05b3-4254-b1cf-34d64ffb3275", "3/4", [], [BLUE], 0, "ratio of the areas"),
-        ("7c1f0e2a-0000-4000-8000-000000000001", "2.5", [], [YELLOW], 0, "incline")]),
-    "mmstar": ([f"data.hub_id={FIX}/mmstar"], "test", [
-        ("0", "A", ["The suitcase is on the book.", "The suitcase is beneath the cat.",
-                    "The suitcase is beneath the bed.", "The suitcase is beneath the book."], [RED], 0, "Options:"),
-        ("1", "B", ["red", "green", "blue", "yellow"], [GREEN], 0, "main color")]),
-    "mmmu": ([f"data.hub_id={FIX}/mmmu", "data.config_name=[Accounting,Math]"], "test", [
-        ("validation_Accounting_1", "C", ["$1,000", "$2,000", "[image 3]", "$4,000"], [RED, GREEN, BLUE], 3,
-         "(C) <image>"),
-        ("validation_Math_1", "12", [], [YELLOW], 1, "<image>\nCompute the area")]),
-    "geometry3k": ([f"data.hub_id={FIX}/geometry3k"], "test", [
-        ("2401", "62", [], [GREEN], 1, "<image>Find the measure"),
-        ("2402", "240.0", [], [BLUE], 1, "parallelogram")]),
-    "geoqa_r1v": ([f"data.hub_id={FIX}/geoqa_r1v", "data.splits={train:'train[:2]',test:'train[2:]'}"], "train", [
-        (None, "40", [], [RED], 0, "angle A = 80°"),
-        (None, "10", [], [GREEN], 0, "radius of circle O")]),
-    "geoqa": ([f"data.path={FIX}/geoqa"], "test", [
-        (None, "35", [], [YELLOW], 0, "diameter of circle O"),
-        (None, "10", [], [BLUE], 0, "rectangle ABCD")]),
-    "superclevr": ([f"data.path={FIX}/superclevr"], "test", [
-        (None, "3", [], [RED], 0, "How many different items"),
-        (None, "5", [], [GRAY], 0, "How many different items")]),
+    "mathvista": (
+        [f"data.hub_id={FIX}/mathvista"],
+        "test",
+        [
+            ("1", "B", ["6", "8", "10"], [RED], 0, "Choices:\n(A) 6"),
+            ("2", "1000", [], [GREEN], 0, "(Unit: g)"),
+            ("3", "1.2", [], [BLUE], 0, "one decimal place"),
+        ],
+    ),
+    "mathverse": (
+        [f"data.hub_id={FIX}/mathverse"],
+        "test",
+        [
+            ("1", "C", ["40°", "50°", "130°", "140°"], [RED], 0, "Find angle 2."),
+            ("5", "C", [], [GREEN], 0, "question shown in the image"),
+            ("6", "4\\pi", [], [BLUE], 0, "radius 2"),
+        ],
+    ),
+    "mmk12": (
+        [f"data.hub_id={FIX}/mmk12"],
+        "test",
+        [
+            ("1b879781-05b3-4254-b1cf-34d64ffb3275", "3/4", [], [BLUE], 0, "ratio of the areas"),
+            ("7c1f0e2a-0000-4000-8000-000000000001", "2.5", [], [YELLOW], 0, "incline"),
+        ],
+    ),
+    "mmstar": (
+        [f"data.hub_id={FIX}/mmstar"],
+        "test",
+        [
+            (
+                "0",
+                "A",
+                [
+                    "The suitcase is on the book.",
+                    "The suitcase is beneath the cat.",
+                    "The suitcase is beneath the bed.",
+                    "The suitcase is beneath the book.",
+                ],
+                [RED],
+                0,
+                "Options:",
+            ),
+            ("1", "B", ["red", "green", "blue", "yellow"], [GREEN], 0, "main color"),
+        ],
+    ),
+    "mmmu": (
+        [f"data.hub_id={FIX}/mmmu", "data.config_name=[Accounting,Math]"],
+        "test",
+        [
+            (
+                "validation_Accounting_1",
+                "C",
+                ["$1,000", "$2,000", "[image 3]", "$4,000"],
+                [RED, GREEN, BLUE],
+                3,
+                "(C) <image>",
+            ),
+            ("validation_Math_1", "12", [], [YELLOW], 1, "<image>\nCompute the area"),
+        ],
+    ),
+    "geometry3k": (
+        [f"data.hub_id={FIX}/geometry3k"],
+        "test",
+        [("2401", "62", [], [GREEN], 1, "<image>Find the measure"), ("2402", "240.0", [], [BLUE], 1, "parallelogram")],
+    ),
+    "geoqa_r1v": (
+        [f"data.hub_id={FIX}/geoqa_r1v", "data.splits={train:'train[:2]',test:'train[2:]'}"],
+        "train",
+        [(None, "40", [], [RED], 0, "angle A = 80°"), (None, "10", [], [GREEN], 0, "radius of circle O")],
+    ),
+    "geoqa": (
+        [f"data.path={FIX}/geoqa"],
+        "test",
+        [(None, "35", [], [YELLOW], 0, "diameter of circle O"), (None, "10", [], [BLUE], 0, "rectangle ABCD")],
+    ),
+    "superclevr": (
+        [f"data.path={FIX}/superclevr"],
+        "test",
+        [(None, "3", [], [RED], 0, "How many different items"), (None, "5", [], [GRAY], 0, "How many different items")],
+    ),
 }
 
 
@@ -181,7 +239,7 @@ def test_benchmark_loader_on_fixture(name):
         assert rec["question"].count("<image>") == n_ph, rec["question"]
         assert text in rec["question"], rec["question"]
         assert rec["task"] == ("geoqa" if name == "geoqa_r1v" else name)
-    if name == "mathvista":   # the choice text the answer was given as is kept
+    if name == "mathvista":  # the choice text the answer was given as is kept
         assert recs[0]["metadata"]["answer_text"] == "8" and recs[0]["metadata"]["question_type"] == "multi_choice"
 
 
@@ -192,15 +250,26 @@ BROKEN = "grpo_d"  # given a bad override: both of its runs fail at start-up
 
 
 def _suite_cmd(sweep_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "benchmarks.run", "suite=smoke", f"sweep_dir={sweep_dir}",
-            "suite.steps=2", f"suite.seeds=[{','.join(map(str, SEEDS))}]",
-            f"suite.algorithms=[{','.join(ALGOS + [BROKEN])}]",
-            f'suite.algorithm_overrides.{BROKEN}=["algorithm=grpo_d_counting","algorithm.clip_low=-1"]',
-            'suite.tasks={count:["data=synthetic","data.kinds=[count]","data.train_size=48","data.test_size=8"]}',
-            "suite.eval.size=4", "suite.eval.every=0", "suite.eval.samples=4", "suite.eval.pass_k=2", "suite.jobs=2",
-            'suite.overrides=["trainer.prompts_per_step=4","rollout.group_size=4",'
-            '"+reward.components.accuracy.workers=0","trainer.save_every=0"]',
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "suite=smoke",
+        f"sweep_dir={sweep_dir}",
+        "suite.steps=2",
+        f"suite.seeds=[{','.join(map(str, SEEDS))}]",
+        f"suite.algorithms=[{','.join(ALGOS + [BROKEN])}]",
+        f'suite.algorithm_overrides.{BROKEN}=["algorithm=grpo_d_counting","algorithm.clip_low=-1"]',
+        'suite.tasks={count:["data=synthetic","data.kinds=[count]","data.train_size=48","data.test_size=8"]}',
+        "suite.eval.size=4",
+        "suite.eval.every=0",
+        "suite.eval.samples=4",
+        "suite.eval.pass_k=2",
+        "suite.jobs=2",
+        'suite.overrides=["trainer.prompts_per_step=4","rollout.group_size=4",'
+        '"+reward.components.accuracy.workers=0","trainer.save_every=0"]',
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +281,7 @@ def sweep(tmp_path_factory):
 
 def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
     d, p = sweep
-    assert p.returncode == 1, p.stdout + p.stderr   # 1: a run failed (the broken one), the rest finished
+    assert p.returncode == 1, p.stdout + p.stderr  # 1: a run failed (the broken one), the rest finished
     for algo in ALGOS:
         for seed in SEEDS:
             run = d / "count" / algo / f"seed{seed}"
@@ -227,8 +296,8 @@ def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
             assert wb, run
             blob = wb[0].read_bytes()
             assert b'"group":"smoke-ci"' in blob and f"count-{algo}-seed{seed}".encode() in blob
-            assert f'{{"name":"{algo}"'.encode() in blob        # the algorithm section of the run config
-            assert f'"{algo}","seed{seed}"'.encode() in blob     # tags: suite, task, algorithm, seed
+            assert f'{{"name":"{algo}"'.encode() in blob  # the algorithm section of the run config
+            assert f'"{algo}","seed{seed}"'.encode() in blob  # tags: suite, task, algorithm, seed
     for seed in SEEDS:
         failed = json.loads((d / "count" / BROKEN / f"seed{seed}" / "FAILED.json").read_text())
         assert "clip_low" in failed["error"] and failed["returncode"] == 2
@@ -242,18 +311,20 @@ def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
         if cells[0] == BROKEN:
             assert cells[1] == "0/2"
         else:
-            assert cells[1] == "2/2" and "±" in cells[3]   # final accuracy: mean ± std over 2 seeds
+            assert cells[1] == "2/2" and "±" in cells[3]  # final accuracy: mean ± std over 2 seeds
     assert f"`{BROKEN}` seed 0 (failed):" in report and "clip_low" in report
 
     from PIL import Image
 
     plots = sorted((d / "plots").glob("*.png"))
-    assert [p.name for p in plots] == sorted(f"count_{s}.png" for s in ("accuracy", "reward", "kl_beta", "entropy", "length"))
+    assert [p.name for p in plots] == sorted(
+        f"count_{s}.png" for s in ("accuracy", "reward", "kl_beta", "entropy", "length")
+    )
     for png in plots:
         assert png.stat().st_size > 1024
         assert f"plots/{png.name}" in report
         im = Image.open(png).convert("RGB")
-        assert len(set(im.getdata())) > 10, png   # not one flat colour
+        assert len(set(im.getdata())) > 10, png  # not one flat colour
     # the report itself logged to W&B as a run of the group
     assert list((d / "wandb").glob("offline-run-*/run-*.wandb"))
 
@@ -266,24 +337,44 @@ def test_rerunning_the_sweep_skips_finished_runs(sweep):
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
     assert sum("skipped (finished before)" in ln for ln in lines) == len(ALGOS) * len(SEEDS), p.stdout + p.stderr
     assert f"0 done, {len(ALGOS) * len(SEEDS)} skipped" in p.stdout
-    assert {q: q.stat().st_mtime_ns for q in markers} == markers   # not run again
+    assert {q: q.stat().st_mtime_ns for q in markers} == markers  # not run again
     assert (d / "report.md").exists()
     # the report regenerates on its own
-    r = subprocess.run([sys.executable, "-m", "benchmarks.report", str(d), "--no-wandb"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", str(d), "--no-wandb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "| grpo | 2/2 |" in r.stdout, r.stderr
 
 
 def test_evaluate_cli_on_a_saved_checkpoint(sweep):
     d, _ = sweep
-    ckpt = d / "count" / "grpo" / "seed0" / "checkpoints" / "step-000002"   # a step folder: its policy/ is used
+    ckpt = d / "count" / "grpo" / "seed0" / "checkpoints" / "step-000002"  # a step folder: its policy/ is used
     out = d / "eval" / "superclevr.json"
-    p = subprocess.run([sys.executable, "-m", "benchmarks.evaluate", f"checkpoint={ckpt}", "data=superclevr",
-                        f"data.path={FIX / 'superclevr'}", "pass_k=2", "num_samples=2", f"output={out}",
-                        "+reward.components.accuracy.workers=0", f"hydra.run.dir={d / 'eval'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.evaluate",
+            f"checkpoint={ckpt}",
+            "data=superclevr",
+            f"data.path={FIX / 'superclevr'}",
+            "pass_k=2",
+            "num_samples=2",
+            f"output={out}",
+            "+reward.components.accuracy.workers=0",
+            f"hydra.run.dir={d / 'eval'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    printed = json.loads(p.stdout[p.stdout.index("{"):])
+    printed = json.loads(p.stdout[p.stdout.index("{") :])
     assert printed["num_records"] == 2 and printed["model_path"].endswith("policy")
     for k in ("eval/accuracy", "eval/accuracy_sampled", "eval/pass@k", "eval/format", "eval/mean_length"):
         assert 0.0 <= printed["metrics"][k] <= (1.0 if "length" not in k else 1e6)

@@ -1,5 +1,6 @@
 """The command line and start-up checks: mistakes in the config fail fast, before any model
 loads, with a message that names the key and what is allowed, and without a stack trace."""
+
 import os
 import subprocess
 import sys
@@ -20,8 +21,14 @@ CONFIGS = str(ROOT / "configs")
 def start_cli(*args, **env) -> subprocess.Popen:
     e = {k: v for k, v in os.environ.items() if k not in ("APO_RL_DEBUG", "HYDRA_FULL_ERROR")}
     e.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1", **env)
-    return subprocess.Popen([sys.executable, "-m", "framework.run", *args], cwd=ROOT, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "framework.run", *args],
+        cwd=ROOT,
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
@@ -45,8 +52,11 @@ def test_unknown_algorithm_group_option_lists_available_algorithms(tmp_path):
     assert "does_not_exist" in out
     assert "Traceback" not in out
     assert "Available options in 'algorithm'" in out, out
-    listed = {line.strip() for line in out.split("Available options in 'algorithm':", 1)[1].splitlines()
-              if line.startswith("\t")}
+    listed = {
+        line.strip()
+        for line in out.split("Available options in 'algorithm':", 1)[1].splitlines()
+        if line.startswith("\t")
+    }
     assert {"grpo", "grpo_d", "apo"} <= listed, out
 
 
@@ -172,9 +182,14 @@ def test_missing_local_model_path(tmp_path):
 
 def test_fsdp_trainer_config_composes_with_its_defaults():
     t = check_early(compose_cfg("trainer=fsdp", "trainer.devices=8"))["sections"]["trainer"]
-    assert (t.strategy, t.devices, t.fsdp.mixed_precision, t.fsdp.activation_checkpointing, t.fsdp.cpu_offload) == \
-        ("fsdp", 8, "bf16", True, False)
-    assert t.eval_every == 10   # the rest comes from trainer/default.yaml
+    assert (t.strategy, t.devices, t.fsdp.mixed_precision, t.fsdp.activation_checkpointing, t.fsdp.cpu_offload) == (
+        "fsdp",
+        8,
+        "bf16",
+        True,
+        False,
+    )
+    assert t.eval_every == 10  # the rest comes from trainer/default.yaml
 
 
 def test_fsdp_options_are_checked():

@@ -1,4 +1,5 @@
 """Data layer: synthetic tasks, loading (local / hub / plugin tasks), validation, configs."""
+
 from __future__ import annotations
 
 import io
@@ -37,8 +38,14 @@ def raw_images(ds: Dataset) -> list[list[bytes]]:
 
 @pytest.fixture(scope="module")
 def mixed():
-    cfg = {"task": "synthetic", "seed": 3, "train_size": 300, "test_size": 60,
-           "difficulty": [1, 2, 3], "kinds": ALL_KINDS}
+    cfg = {
+        "task": "synthetic",
+        "seed": 3,
+        "train_size": 300,
+        "test_size": 60,
+        "difficulty": [1, 2, 3],
+        "kinds": ALL_KINDS,
+    }
     return load_data(cfg)
 
 
@@ -50,8 +57,14 @@ def test_synthetic_registered():
 
 
 def test_synthetic_deterministic():
-    cfg = {"task": "synthetic", "seed": 7, "train_size": 80, "test_size": 20,
-           "difficulty": [1, 2, 3], "kinds": ALL_KINDS}
+    cfg = {
+        "task": "synthetic",
+        "seed": 7,
+        "train_size": 80,
+        "test_size": 20,
+        "difficulty": [1, 2, 3],
+        "kinds": ALL_KINDS,
+    }
     a, b = load_data(cfg), load_data(dict(cfg))
     c = load_data({**cfg, "seed": 8})
     for split in ("train", "test"):
@@ -74,10 +87,16 @@ def read_grid(img: Image.Image) -> tuple[int, list]:
     cells = []
     for r in range(k):
         for c in range(k):
-            cell = arr[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+            cell = arr[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
             # shapes stay inside their cell, so cells = connected regions
-            border = np.concatenate([cell[:4].reshape(-1, 3), cell[-4:].reshape(-1, 3),
-                                     cell[:, :4].reshape(-1, 3), cell[:, -4:].reshape(-1, 3)])
+            border = np.concatenate(
+                [
+                    cell[:4].reshape(-1, 3),
+                    cell[-4:].reshape(-1, 3),
+                    cell[:, :4].reshape(-1, 3),
+                    cell[:, -4:].reshape(-1, 3),
+                ]
+            )
             assert (border == 255).all()
             centre = cell[14, 14]
             if (centre == 255).all():
@@ -85,9 +104,9 @@ def read_grid(img: Image.Image) -> tuple[int, list]:
                 cells.append(None)
                 continue
             colour = names[int(np.abs(pal - centre).sum(1).argmin())]
-            coloured = (np.abs(cell - np.array(PALETTE[colour])).sum(-1) == 0)
+            coloured = np.abs(cell - np.array(PALETTE[colour])).sum(-1) == 0
             assert ((cell == 255).all(-1) | coloured).all()  # one solid colour on white
-            shape = "square" if coloured[6, 6] else "circle"   # the 18 px box's corner
+            shape = "square" if coloured[6, 6] else "circle"  # the 18 px box's corner
             assert 200 <= coloured.sum() <= 18 * 18
             cells.append((colour, shape))
     return k, cells
@@ -147,8 +166,14 @@ def test_synthetic_answers_match_pixels(mixed):
 
 
 def test_text_modality_matches_image_modality():
-    cfg = {"task": "synthetic", "seed": 5, "train_size": 60, "test_size": 20,
-           "difficulty": [1, 2, 3], "kinds": ALL_KINDS}
+    cfg = {
+        "task": "synthetic",
+        "seed": 5,
+        "train_size": 60,
+        "test_size": 20,
+        "difficulty": [1, 2, 3],
+        "kinds": ALL_KINDS,
+    }
     img_ds = load_data(cfg)
     txt_ds = load_data({**cfg, "modality": "text"})
     codes = {"R": "red", "G": "green", "B": "blue", "Y": "yellow"}
@@ -158,9 +183,12 @@ def test_text_modality_matches_image_modality():
             assert b["images"] == [] and a["id"] == b["id"] and a["answer"] == b["answer"]
             assert b["question"].endswith("\n" + a["question"])
             k, cells = read_grid(a["images"][0])
-            rows = b["question"].split("\n")[1:1 + k]
-            text_cells = [None if t == "." else (codes[t.upper()], "square" if t.isupper() else "circle")
-                          for row in rows for t in row.split()]
+            rows = b["question"].split("\n")[1 : 1 + k]
+            text_cells = [
+                None if t == "." else (codes[t.upper()], "square" if t.isupper() else "circle")
+                for row in rows
+                for t in row.split()
+            ]
             assert text_cells == cells
 
 
@@ -169,8 +197,9 @@ def test_splits_disjoint_on_small_space():
     d = build({"seed": 0, "train_size": 2000, "test_size": 200, "difficulty": [1], "kinds": ["count"]})
     assert len(d["train"]) == 2000 and len(d["test"]) == 200
     assert not set(d["train"]["id"]) & set(d["test"]["id"])
-    pairs = {split: set(zip((ims[0] for ims in raw_images(d[split])), d[split]["question"]))
-             for split in ("train", "test")}
+    pairs = {
+        split: set(zip((ims[0] for ims in raw_images(d[split])), d[split]["question"])) for split in ("train", "test")
+    }
     assert not pairs["train"] & pairs["test"]
     answers = d["train"]["answer"]
     assert {a: answers.count(a) for a in set(answers)}.keys() == {"1", "2", "3", "4"}
@@ -215,20 +244,23 @@ def test_local_directory_jsonl():
     assert recs["tr0"]["images"][0].getpixel((3, 3)) == (220, 30, 30)
     assert len(recs["tr1"]["images"]) == 2 and recs["tr1"]["images"][1].getpixel((0, 0)) == (30, 70, 220)
     assert recs["tr1"]["choices"] == ["first", "second"] and recs["tr1"]["metadata"] == {"source": "fixture"}
-    assert recs["tr2"]["images"] == [] and recs["tr2"]["answer"] == "5"          # text-only, int answer
-    assert recs["tr3"]["images"][0].getpixel((1, 1)) == (30, 160, 50)           # base64 data URI
+    assert recs["tr2"]["images"] == [] and recs["tr2"]["answer"] == "5"  # text-only, int answer
+    assert recs["tr3"]["images"][0].getpixel((1, 1)) == (30, 160, 50)  # base64 data URI
     assert recs["tr3"]["difficulty"] == 2 and recs["tr3"]["task"] == "local"
     assert to_record(d["test"][0])["images"][0].size == (56, 28)
-    out, rep = validate_records(d["train"], count_prompt_tokens=None, max_prompt_tokens=512,
-                                on_invalid="error", split="train")
+    out, rep = validate_records(
+        d["train"], count_prompt_tokens=None, max_prompt_tokens=512, on_invalid="error", split="train"
+    )
     assert rep.kept == 4 and rep.problems == [] and "all 4 records valid" in rep.summary()
 
 
 def test_local_field_map_and_missing_column():
-    cfg = {"task": "local", "path": str(FIX / "mapped.jsonl"),
-           "field_map": {"id": "uid", "question": "query", "answer": "label", "images": "img",
-                         "choices": "options"},
-           "metadata_columns": ["extra"]}
+    cfg = {
+        "task": "local",
+        "path": str(FIX / "mapped.jsonl"),
+        "field_map": {"id": "uid", "question": "query", "answer": "label", "images": "img", "choices": "options"},
+        "metadata_columns": ["extra"],
+    }
     d = load_data(cfg)
     assert set(d) == {"train"}
     r0, r1 = (to_record(r) for r in d["train"])
@@ -251,9 +283,13 @@ def test_local_field_map_and_missing_column():
 
 
 def test_local_parquet_bytes():
-    cfg = {"task": "local", "path": str(FIX), "split_files": {"train": "bytes.parquet"},
-           "field_map": {"id": "pid", "question": "query", "images": "decoded_image"},
-           "metadata_columns": ["unit"]}
+    cfg = {
+        "task": "local",
+        "path": str(FIX),
+        "split_files": {"train": "bytes.parquet"},
+        "field_map": {"id": "pid", "question": "query", "images": "decoded_image"},
+        "metadata_columns": ["unit"],
+    }
     d = load_data(cfg)
     recs = [to_record(r) for r in d["train"]]
     assert [r["id"] for r in recs] == ["p0", "p1", "p2"]
@@ -273,9 +309,13 @@ def test_hub_with_field_map_and_offline_error(monkeypatch):
         return src
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    cfg = {"task": "hub", "hub_id": "someone/vqa", "config_name": "default",
-           "splits": {"train": "testmini[:2]", "test": "testmini[2:]"},
-           "field_map": {"id": "pid", "question": "query", "images": "decoded_image"}}
+    cfg = {
+        "task": "hub",
+        "hub_id": "someone/vqa",
+        "config_name": "default",
+        "splits": {"train": "testmini[:2]", "test": "testmini[2:]"},
+        "field_map": {"id": "pid", "question": "query", "images": "decoded_image"},
+    }
     d = load_data(cfg)
     assert calls == [("someone/vqa", "default", "testmini[:2]"), ("someone/vqa", "default", "testmini[2:]")]
     r = to_record(d["train"][0])
@@ -323,8 +363,7 @@ BROKEN_EXPECT = {
 
 def test_validation_skip_reports_each_problem():
     ds = load_data({"task": "local", "path": str(FIX / "broken.jsonl")})["train"]
-    out, rep = validate_records(ds, count_prompt_tokens=words, max_prompt_tokens=50,
-                                on_invalid="skip", split="train")
+    out, rep = validate_records(ds, count_prompt_tokens=words, max_prompt_tokens=50, on_invalid="skip", split="train")
     assert rep.total == 9 and rep.kept == 2 and rep.invalid == 7
     assert out["id"] == ["ok0", "ok6"]
     got = {i: why for i, _, why in rep.problems}
@@ -335,16 +374,14 @@ def test_validation_skip_reports_each_problem():
     assert s.startswith("split train: 7 of 9 records invalid (skipped): #1 id=nofile: image 0 missing")
     assert "#5 id=badletter" in s
     # without the token callback the long prompt passes
-    _, rep2 = validate_records(ds, count_prompt_tokens=None, max_prompt_tokens=50,
-                               on_invalid="skip", split="test")
+    _, rep2 = validate_records(ds, count_prompt_tokens=None, max_prompt_tokens=50, on_invalid="skip", split="test")
     assert 4 not in {i for i, _, _ in rep2.problems} and rep2.kept == 3
 
 
 def test_validation_error_mode():
     ds = load_data({"task": "local", "path": str(FIX / "broken.jsonl")})["train"]
     with pytest.raises(DataError) as e:
-        validate_records(ds, count_prompt_tokens=words, max_prompt_tokens=50,
-                         on_invalid="error", split="train")
+        validate_records(ds, count_prompt_tokens=words, max_prompt_tokens=50, on_invalid="error", split="train")
     msg = str(e.value)
     assert isinstance(e.value, ValueError)
     assert "#2 id=corrupt: image 0 unreadable" in msg and "data.on_invalid=skip" in msg
@@ -354,10 +391,19 @@ def test_validation_error_mode():
 
 def test_validation_summary_truncates_and_all_invalid_raises():
     n = 25
-    ds = Dataset.from_dict({"id": [f"r{i}" for i in range(n)], "images": [[] for _ in range(n)],
-                            "question": ["<image> q"] * n, "answer": ["a"] * n, "choices": [[]] * n,
-                            "task": ["t"] * n, "difficulty": [0] * n, "metadata": ["{}"] * n},
-                           features=FEATURES)
+    ds = Dataset.from_dict(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "images": [[] for _ in range(n)],
+            "question": ["<image> q"] * n,
+            "answer": ["a"] * n,
+            "choices": [[]] * n,
+            "task": ["t"] * n,
+            "difficulty": [0] * n,
+            "metadata": ["{}"] * n,
+        },
+        features=FEATURES,
+    )
     with pytest.raises(DataError, match=r"25 of 25 records invalid.*#9 id=r9.*and 15 more"):
         validate_records(ds, count_prompt_tokens=None, max_prompt_tokens=512, on_invalid="skip", split="s")
 
@@ -371,8 +417,7 @@ def test_validation_fast_on_synthetic():
         return 10 + len(rec["question"].split())
 
     t = time.perf_counter()
-    out, rep = validate_records(ds, count_prompt_tokens=count, max_prompt_tokens=512,
-                                on_invalid="error", split="train")
+    out, rep = validate_records(ds, count_prompt_tokens=count, max_prompt_tokens=512, on_invalid="error", split="train")
     assert time.perf_counter() - t < 4.0
     assert rep.kept == 2000 and len(out) == 2000
     assert isinstance(seen[0]["images"][0], Image.Image) and isinstance(seen[0]["metadata"], dict)
@@ -390,8 +435,18 @@ def test_prepare_data_uses_generic_options():
 def test_to_record_types():
     png = io.BytesIO()
     Image.new("RGBA", (28, 28), (1, 2, 3, 255)).save(png, format="PNG")
-    rec = to_record({"id": 3, "images": [{"bytes": png.getvalue(), "path": None}], "question": "q",
-                     "answer": 4, "choices": None, "task": "t", "difficulty": None, "metadata": '{"a": 1}'})
+    rec = to_record(
+        {
+            "id": 3,
+            "images": [{"bytes": png.getvalue(), "path": None}],
+            "question": "q",
+            "answer": 4,
+            "choices": None,
+            "task": "t",
+            "difficulty": None,
+            "metadata": '{"a": 1}',
+        }
+    )
     assert rec["id"] == "3" and rec["answer"] == "4" and rec["choices"] == [] and rec["difficulty"] == 0
     assert rec["metadata"] == {"a": 1} and rec["images"][0].mode == "RGB"
 

@@ -9,6 +9,7 @@ Hugging Face format.
 
 Samples are drawn per prompt from their own seed (rollout.seed_per_prompt=true), so all
 runs train on identical completions; everything else is the real loop."""
+
 import csv
 import os
 import subprocess
@@ -19,19 +20,42 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["trainer.prompts_per_step=8", "rollout.group_size=4", "trainer.eval_every=0",
-          "trainer.eval_size=5", "trainer.eval_batch_size=2", "logger.wandb=false", "trainer.progress_bar=false", "rollout.seed_per_prompt=true",
-          "algorithm.loss_agg=token_mean", "trainer.accelerator=cpu"]
+COMMON = [
+    "trainer.prompts_per_step=8",
+    "rollout.group_size=4",
+    "trainer.eval_every=0",
+    "trainer.eval_size=5",
+    "trainer.eval_batch_size=2",
+    "logger.wandb=false",
+    "trainer.progress_bar=false",
+    "rollout.seed_per_prompt=true",
+    "algorithm.loss_agg=token_mean",
+    "trainer.accelerator=cpu",
+]
 KEYS = ("reward", "loss", "kl", "grad_norm", "completions/mean_length", "entropy")
 
 
 def _run(out: Path, *extra, steps: int = 3) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    p = subprocess.run([sys.executable, "-m", "framework.run", *COMMON, f"trainer.max_steps={steps}", *extra,
-                        f"output_dir={out}", f"hydra.run.dir={out}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "framework.run",
+            *COMMON,
+            f"trainer.max_steps={steps}",
+            *extra,
+            f"output_dir={out}",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").read_text().splitlines()))
     return [{k: float(v) for k, v in r.items() if v} for r in rows if r.get("reward")]
 
 
@@ -71,8 +95,14 @@ def test_ddp_two_processes_match_one_process(tmp_path, one_process):
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(tmp_path, one_process):
     out = tmp_path / "fsdp"
-    two = _run(out, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.fsdp.mixed_precision=null",
-               "trainer.fsdp.activation_checkpointing=false")
+    two = _run(
+        out,
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.fsdp.mixed_precision=null",
+        "trainer.fsdp.activation_checkpointing=false",
+    )
     _assert_same_run(one_process[1], two)
     ckpt = out / "checkpoints" / "step-000003"
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in (ckpt / "state.ckpt").iterdir()}
@@ -84,7 +114,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path, one_process):
     # so the updates are compared as a whole: relative error of the weight change
     d_ref = torch.cat([(ref[k] - init[k]).flatten() for k in sorted(ref)])
     d_got = torch.cat([(got[k] - init[k]).flatten() for k in sorted(ref)])
-    assert float(d_ref.norm()) > 1e-2   # the weights compared are trained ones, not the initial ones
+    assert float(d_ref.norm()) > 1e-2  # the weights compared are trained ones, not the initial ones
     assert float((d_got - d_ref).norm() / d_ref.norm()) < 1e-3
 
 
@@ -101,8 +131,13 @@ def test_fsdp_bf16_offload_checkpoint_resumes_on_one_device(tmp_path):
     """FSDP with bf16 compute, activation checkpointing and CPU offload trains; its sharded
     checkpoint (2 ranks) resumes on 1 device with the trained weights and continues the step
     count; policy/ loads with from_pretrained."""
-    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.fsdp.mixed_precision=bf16",
-            "trainer.fsdp.activation_checkpointing=true", "trainer.fsdp.cpu_offload=true"]
+    fsdp = [
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.fsdp.mixed_precision=bf16",
+        "trainer.fsdp.activation_checkpointing=true",
+        "trainer.fsdp.cpu_offload=true",
+    ]
     first = _run(tmp_path / "a", *fsdp, "trainer.devices=2", steps=2)
     assert [r["rl_step"] for r in first] == [1.0, 2.0]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in first)
@@ -117,7 +152,7 @@ def test_fsdp_bf16_offload_checkpoint_resumes_on_one_device(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(ckpt / "policy"))
-    assert model.dtype == torch.float32   # master weights: fp32 (bf16 is the compute dtype only)
+    assert model.dtype == torch.float32  # master weights: fp32 (bf16 is the compute dtype only)
     init = _weights_initial()
     name = next(k for k in init if "layers.0.mlp.up_proj" in k)
     trained = dict(model.named_parameters())

@@ -14,26 +14,26 @@ The gradient tests therefore run ``completion_logprobs`` with a copy of that chu
 that upcasts to at least float32 instead of to exactly float32; everything else (chunking,
 activation checkpointing, the model forward, inputs, the algorithms) is the real code.
 """
+
 import copy
 import math
 
 import pytest
 import torch
+from conftest import ROOT, make_image
 from omegaconf import OmegaConf
 
 from algorithms.base import build_algorithm
-from conftest import ROOT, make_image
 from framework.logprobs import completion_logprobs
 from framework.models.loading import load_model
-from framework.rollout.inputs import (completion_mask, encode_prompts, expand_inputs, select_inputs,
-                                      training_inputs)
+from framework.rollout.inputs import completion_mask, encode_prompts, expand_inputs, select_inputs, training_inputs
 from framework.types import LossNormalizer, Rollout
 
-G = 4                 # completions per prompt
-T = 12                # padded completion length
+G = 4  # completions per prompt
+T = 12  # padded completion length
 RTOL = 1e-8
 PARAMS = [
-    "model.language_model.embed_tokens.weight",        # tied with lm_head
+    "model.language_model.embed_tokens.weight",  # tied with lm_head
     "model.language_model.layers.1.mlp.down_proj.weight",
     "model.visual.blocks.0.attn.qkv.weight",
     "model.visual.patch_embed.proj.weight",
@@ -43,9 +43,9 @@ PARAMS = [
 #  group 0: pass rate 1/2, the two wrong answers are longer than the correct ones (A < 0)
 #  group 1: pass rate 1/4, one wrong answer shorter than the correct one (no STCR), two longer
 #  group 2: no correct answer (STCR off, DADS f = 1) but format rewards differ (A != 0)
-CORRECT = [1, 0, 0, 1,   0, 0, 1, 0,   0, 0, 0, 0]
-FORMAT = [1, 1, 0, 1,    1, 0, 1, 1,   1, 0, 1, 0]
-LENGTHS = [4, 9, 12, 6,  10, 3, 5, 7,  8, 11, 3, 12]   # 12 = no EOS (truncated)
+CORRECT = [1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0]
+FORMAT = [1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 0]
+LENGTHS = [4, 9, 12, 6, 10, 3, 5, 7, 8, 11, 3, 12]  # 12 = no EOS (truncated)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,12 @@ def setup(tiny_vl_path, vl_bundle):
         for p in ref.parameters():
             p.add_(0.05 * p.abs().mean() * torch.randn_like(p))
 
-    records = [{"question": q, "images": [make_image(56, s)], "answer": "1"}
-               for s, q in enumerate(["How many shapes?", "What color is the top-left shape? Answer briefly.",
-                                      "Count the circles."])]
+    records = [
+        {"question": q, "images": [make_image(56, s)], "answer": "1"}
+        for s, q in enumerate(
+            ["How many shapes?", "What color is the top-left shape? Answer briefly.", "Count the circles."]
+        )
+    ]
     prompts = encode_prompts(vl_bundle, records, None)
     inputs = dict(prompts.inputs)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
@@ -74,8 +77,8 @@ def setup(tiny_vl_path, vl_bundle):
     eos = vl_bundle.eos_token_ids[0]
     for i, n in enumerate(LENGTHS):
         if n < T:
-            ids[i, n - 1] = eos                    # EOS counts in |o_i|
-            ids[i, n:] = vl_bundle.pad_token_id    # right padding
+            ids[i, n - 1] = eos  # EOS counts in |o_i|
+            ids[i, n:] = vl_bundle.pad_token_id  # right padding
     mask, truncated = completion_mask(ids, vl_bundle.eos_token_ids)
     assert mask.sum(-1).tolist() == [float(n) for n in LENGTHS]
     assert truncated.tolist() == [n == T for n in LENGTHS]
@@ -84,8 +87,18 @@ def setup(tiny_vl_path, vl_bundle):
     rewards = correct + 0.5 * torch.tensor(FORMAT, dtype=torch.float64)
     with torch.no_grad():
         logp_ref = _logp(ref, pin, ids, mask).detach() * mask
-    return dict(model=model, pin=pin, ips=ips, ids=ids, mask=mask, truncated=truncated, correct=correct,
-                rewards=rewards, group_ids=torch.arange(len(records)).repeat_interleave(G), logp_ref=logp_ref)
+    return dict(
+        model=model,
+        pin=pin,
+        ips=ips,
+        ids=ids,
+        mask=mask,
+        truncated=truncated,
+        correct=correct,
+        rewards=rewards,
+        group_ids=torch.arange(len(records)).repeat_interleave(G),
+        logp_ref=logp_ref,
+    )
 
 
 def _logp(model, pin, ids, mask):
@@ -94,9 +107,15 @@ def _logp(model, pin, ids, mask):
 
 
 def _rollout(s) -> Rollout:
-    return Rollout(completion_ids=s["ids"], completion_mask=s["mask"], group_ids=s["group_ids"],
-                   rewards=s["rewards"].clone(), correct=s["correct"].clone(), truncated=s["truncated"],
-                   logp_ref=s["logp_ref"])
+    return Rollout(
+        completion_ids=s["ids"],
+        completion_mask=s["mask"],
+        group_ids=s["group_ids"],
+        rewards=s["rewards"].clone(),
+        correct=s["correct"].clone(),
+        truncated=s["truncated"],
+        logp_ref=s["logp_ref"],
+    )
 
 
 def _algorithm(name: str):
@@ -133,7 +152,7 @@ def ref_advantages(rewards, correct, lengths, group_ids, *, stcr_lam=None):
         l_plus = sum(float(correct[i] * lengths[i]) for i in idx) / n_correct
         for i in idx:
             D = float(lengths[i]) - l_plus
-            if correct[i] == 0 and D > 0 and A[i] < 0:   # stcr.only_negative_advantage = true
+            if correct[i] == 0 and D > 0 and A[i] < 0:  # stcr.only_negative_advantage = true
                 A[i] = A[i] * (1.0 + (1.0 - stcr_lam ** (-D)))
     return A
 
@@ -162,10 +181,10 @@ def ref_loss(logp, logp_ref, mask, A, beta_i, *, eps=0.2, policy_agg, kl_agg):
     kl = beta_i.unsqueeze(-1) * k3
     lengths = mask.sum(-1)
 
-    def agg(l, how):
-        if how == "seq_mean_token_mean":    # (1/B) sum_i (1/|o_i|) sum_t m l
+    def agg(l, how):  # noqa: E741  (l: the per-token loss, as in the equations)
+        if how == "seq_mean_token_mean":  # (1/B) sum_i (1/|o_i|) sum_t m l
             return ((mask * l).sum(-1) / lengths).mean()
-        assert how == "token_mean"          # sum_{i,t} m l / sum_{i,t} m
+        assert how == "token_mean"  # sum_{i,t} m l / sum_{i,t} m
         return (mask * l).sum() / mask.sum()
 
     return agg(-s, policy_agg) + agg(kl, kl_agg)
@@ -227,8 +246,7 @@ def test_loss_gradient_matches_reference_formula(setup, name):
     # the check is sensitive: a reference missing one ingredient is far outside the tolerance
     variants = {"no kl": (A, torch.zeros_like(beta_i), {})}
     if name == "apo":
-        variants["no stcr"] = (ref_advantages(s["rewards"], s["correct"], mask.sum(-1), s["group_ids"]),
-                               None, {})
+        variants["no stcr"] = (ref_advantages(s["rewards"], s["correct"], mask.sum(-1), s["group_ids"]), None, {})
         variants["no dads"] = (A, ref_kl_weights(A, s["correct"], s["group_ids"], spec["beta"], dads=False), {})
         variants["kl_agg = loss_agg"] = (A, beta_i, {"kl_agg": "token_mean"})
     else:
@@ -255,7 +273,7 @@ def test_micro_batch_gradients_sum_to_full_batch(setup, name):
 
     acc = [torch.zeros_like(p) for p in params]
     total = 0.0
-    for rows in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]):   # not aligned with the groups
+    for rows in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]):  # not aligned with the groups
         mb = rollout.select(torch.tensor(rows))
         pin = select_inputs(s["pin"], rows, s["ips"])
         mb_loss, _ = algo.loss(_logp(model, pin, mb.completion_ids, mb.completion_mask), mb, norm)

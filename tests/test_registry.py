@@ -1,6 +1,6 @@
 """The registry: decorator registration, lookup errors that list names, plugins from
 outside the package through an entry point and through plugins=[module]."""
-import sys
+
 import textwrap
 
 import pytest
@@ -29,12 +29,14 @@ def _write_plugin(tmp_path, group: str):
     pkg = tmp_path / "ext_plugin_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "mod.py").write_text(textwrap.dedent("""
+    (pkg / "mod.py").write_text(
+        textwrap.dedent("""
         from framework.registry import Registry
         REG = None
         class Thing:
             pass
-    """))
+    """)
+    )
     dist = tmp_path / "ext_plugin_pkg-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ext-plugin-pkg\nVersion: 1.0\n")
@@ -45,6 +47,7 @@ def test_entry_point_plugin_from_outside_the_package(tmp_path, monkeypatch):
     _write_plugin(tmp_path, "apo_rl.gadgets")
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
+
     importlib.invalidate_caches()
     reg = Registry("gadget")
     assert "thing" in reg.names()
@@ -52,7 +55,8 @@ def test_entry_point_plugin_from_outside_the_package(tmp_path, monkeypatch):
 
 
 def test_plugins_config_imports_module(tmp_path, monkeypatch):
-    (tmp_path / "my_reward_plugin.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_reward_plugin.py").write_text(
+        textwrap.dedent("""
         from framework.registry import REWARDS
         from rewards.base import Reward
 
@@ -60,10 +64,12 @@ def test_plugins_config_imports_module(tmp_path, monkeypatch):
         class Half(Reward):
             def score(self, completion, record):
                 return 0.5
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import_plugins(["my_reward_plugin"])
     from framework.registry import REWARDS
+
     assert "always_half" in REWARDS.names()
     assert REWARDS.get("always_half")()(["x"], [{"answer": "1"}]).scores == [0.5]
     with pytest.raises(ImportError, match="plugin module 'no_such_plugin_mod'"):

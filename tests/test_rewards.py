@@ -1,4 +1,5 @@
 """Tests of the reward plugins (rewards/) with real and adversarial strings."""
+
 from __future__ import annotations
 
 import threading
@@ -28,6 +29,7 @@ def C(answer: str, think: str = "reasoning") -> str:
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def acc():
     """accuracy with a real worker pool (shared: starting workers costs ~0.6 s)."""
@@ -49,6 +51,7 @@ def score_one(reward, answer, gold, **rec):
 
 # ----------------------------------------------------------------------------- registry
 
+
 def test_registered_names():
     for n in ("format", "accuracy", "choice", "numeric", "length"):
         assert n in REWARDS
@@ -56,26 +59,30 @@ def test_registered_names():
 
 # ----------------------------------------------------------------------------- format
 
-@pytest.mark.parametrize("text, ok", [
-    ("<think>a</think><answer>b</answer>", True),
-    ("  \n<think>step 1\nstep 2</think>\n\n<answer>x = 3\ny = 4</answer>\n ", True),  # multiline
-    ("<answer>b</answer>", False),                                       # missing think
-    ("<think>   </think><answer>b</answer>", False),                     # empty think
-    ("<think>a</think><answer> \n </answer>", False),                    # empty answer
-    ("<think></think><answer>b</answer>", False),
-    ("<think>a</think><answer>b</answer><answer>c</answer>", False),     # two answers
-    ("<think>a</think><think>b</think><answer>c</answer>", False),       # two thinks
-    ("<answer>b</answer><think>a</think>", False),                       # answer before think
-    ("<think>a<think>b</think></think><answer>c</answer>", False),       # nested
-    ("<think>a</think><answer>b<answer>c</answer></answer>", False),     # nested answer
-    ("<think>a<answer>b</answer>", False),                               # unclosed think
-    ("<think>a</think><answer>b", False),                                # unclosed answer
-    ("<think>a</think><answer>b</answer> trailing text", False),         # text after
-    ("Sure! <think>a</think><answer>b</answer>", False),                 # text before
-    ("<think>a</think> so <answer>b</answer>", False),                   # text between
-    ("<think>a</think><answer>b</answer></answer>", False),              # stray closing tag
-    ("", False),
-])
+
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        ("<think>a</think><answer>b</answer>", True),
+        ("  \n<think>step 1\nstep 2</think>\n\n<answer>x = 3\ny = 4</answer>\n ", True),  # multiline
+        ("<answer>b</answer>", False),  # missing think
+        ("<think>   </think><answer>b</answer>", False),  # empty think
+        ("<think>a</think><answer> \n </answer>", False),  # empty answer
+        ("<think></think><answer>b</answer>", False),
+        ("<think>a</think><answer>b</answer><answer>c</answer>", False),  # two answers
+        ("<think>a</think><think>b</think><answer>c</answer>", False),  # two thinks
+        ("<answer>b</answer><think>a</think>", False),  # answer before think
+        ("<think>a<think>b</think></think><answer>c</answer>", False),  # nested
+        ("<think>a</think><answer>b<answer>c</answer></answer>", False),  # nested answer
+        ("<think>a<answer>b</answer>", False),  # unclosed think
+        ("<think>a</think><answer>b", False),  # unclosed answer
+        ("<think>a</think><answer>b</answer> trailing text", False),  # text after
+        ("Sure! <think>a</think><answer>b</answer>", False),  # text before
+        ("<think>a</think> so <answer>b</answer>", False),  # text between
+        ("<think>a</think><answer>b</answer></answer>", False),  # stray closing tag
+        ("", False),
+    ],
+)
 def test_format(text, ok):
     assert format_ok(text) is ok
     assert build_reward("format")([text], [{"answer": "1"}]).scores == [1.0 if ok else 0.0]
@@ -83,7 +90,7 @@ def test_format(text, ok):
 
 def test_extract_answer():
     assert extract_answer("<answer> 5 </answer>") == "5"
-    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"   # last
+    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"  # last
     assert extract_answer("<answer>a<answer>b</answer>") == "b"
     assert extract_answer("no tags 5") is None
     assert extract_answer("<answer>5") is None
@@ -92,28 +99,32 @@ def test_extract_answer():
 
 # ----------------------------------------------------------------------------- accuracy
 
-@pytest.mark.parametrize("pred, gold, want", [
-    ("\\frac{1}{2}", "0.5", 1.0),
-    ("0.5", "\\frac{1}{2}", 1.0),
-    ("$\\frac{1}{2}$", "1/2", 1.0),
-    ("$3$", "3", 1.0),
-    ("3.0", "3", 1.0),
-    ("\\boxed{3}", "3", 1.0),
-    ("1,000", "1000", 1.0),
-    ("\\sqrt{8}", "2\\sqrt{2}", 1.0),        # latex vs latex, symbolic
-    ("2.82842712475", "2\\sqrt{2}", 1.0),    # plain vs latex, numeric
-    ("4", "3", 0.0),                         # wrong numbers
-    ("3.1", "3", 0.0),
-    ("2", "2\\sqrt{2}", 0.0),                # bare latex gold must not be read as "2"
-    ("-3", "3", 0.0),
-    ("1+x^2", "x^2+1", 1.0),
-    ("x^2-1", "x^2+1", 0.0),
-    ("Red.", "red", 1.0),                    # text: string fallback
-    ("$\\text{Red}$", "red", 1.0),
-    ("reddish", "red", 0.0),
-    ("der", "red", 0.0),                     # not the symbolic product d*e*r
-    ("", "3", 0.0),
-])
+
+@pytest.mark.parametrize(
+    "pred, gold, want",
+    [
+        ("\\frac{1}{2}", "0.5", 1.0),
+        ("0.5", "\\frac{1}{2}", 1.0),
+        ("$\\frac{1}{2}$", "1/2", 1.0),
+        ("$3$", "3", 1.0),
+        ("3.0", "3", 1.0),
+        ("\\boxed{3}", "3", 1.0),
+        ("1,000", "1000", 1.0),
+        ("\\sqrt{8}", "2\\sqrt{2}", 1.0),  # latex vs latex, symbolic
+        ("2.82842712475", "2\\sqrt{2}", 1.0),  # plain vs latex, numeric
+        ("4", "3", 0.0),  # wrong numbers
+        ("3.1", "3", 0.0),
+        ("2", "2\\sqrt{2}", 0.0),  # bare latex gold must not be read as "2"
+        ("-3", "3", 0.0),
+        ("1+x^2", "x^2+1", 1.0),
+        ("x^2-1", "x^2+1", 0.0),
+        ("Red.", "red", 1.0),  # text: string fallback
+        ("$\\text{Red}$", "red", 1.0),
+        ("reddish", "red", 0.0),
+        ("der", "red", 0.0),  # not the symbolic product d*e*r
+        ("", "3", 0.0),
+    ],
+)
 def test_accuracy_math_and_text(acc, acc_local, pred, gold, want):
     assert score_one(acc, pred, gold) == want
     assert score_one(acc_local, pred, gold) == want
@@ -125,7 +136,7 @@ def test_accuracy_gold_parse_failure_never_free(acc):
     res = acc(garbage, recs)
     assert res.scores == [0.0] * len(garbage)
     assert res.failures == 0
-    assert res.stats["gold_parse_failures"] == 5   # the empty <answer> is not verified
+    assert res.stats["gold_parse_failures"] == 5  # the empty <answer> is not verified
     # the same unparsable gold is still matched by its exact (normalised) string
     res = acc([C("Complete nonsense ~~ gold.")], recs[:1])
     assert res.scores == [1.0] and res.stats["gold_parse_failures"] == 1
@@ -146,15 +157,33 @@ def test_accuracy_missing_answer_tag(acc):
 CHOICES = ["12", "15", "18", "21"]
 
 
-@pytest.mark.parametrize("pred, want", [
-    ("B", 1.0), ("(B)", 1.0), ("B.", 1.0), ("B) 15", 1.0), ("b", 1.0),
-    ("The answer is B", 1.0), ("The answer is (B).", 1.0), ("\\boxed{B}", 1.0),
-    ("$\\text{B}$", 1.0), ("I think B", 1.0),
-    ("15", 1.0),                      # the gold choice's text, verified as math
-    ("15.0", 1.0),
-    ("BB", 0.0), ("AB", 0.0), ("Because", 0.0), ("Both", 0.0), ("A", 0.0), ("C", 0.0),
-    ("A or B", 0.0), ("E", 0.0), ("12", 0.0), ("A cat", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred, want",
+    [
+        ("B", 1.0),
+        ("(B)", 1.0),
+        ("B.", 1.0),
+        ("B) 15", 1.0),
+        ("b", 1.0),
+        ("The answer is B", 1.0),
+        ("The answer is (B).", 1.0),
+        ("\\boxed{B}", 1.0),
+        ("$\\text{B}$", 1.0),
+        ("I think B", 1.0),
+        ("15", 1.0),  # the gold choice's text, verified as math
+        ("15.0", 1.0),
+        ("BB", 0.0),
+        ("AB", 0.0),
+        ("Because", 0.0),
+        ("Both", 0.0),
+        ("A", 0.0),
+        ("C", 0.0),
+        ("A or B", 0.0),
+        ("E", 0.0),
+        ("12", 0.0),
+        ("A cat", 0.0),
+    ],
+)
 def test_accuracy_multiple_choice(acc, pred, want):
     assert score_one(acc, pred, "B", choices=CHOICES) == want
 
@@ -207,12 +236,14 @@ def test_pool_soft_and_hard_timeouts_replace_worker():
     pool = VerifyPool(workers=1, timeout_s=0.3, grace_s=0.3)
     try:
         t0 = time.monotonic()
-        out = pool.run([
-            {"op": "sleep", "seconds": 30},    # interrupted in the worker (soft)
-            {"op": "hang", "seconds": 30},     # ignores SIGALRM: worker killed (hard)
-            {"pred": "1/2", "gold": "0.5"},    # served by the replacement worker
-            {"op": "raise", "message": "bad"},
-        ])
+        out = pool.run(
+            [
+                {"op": "sleep", "seconds": 30},  # interrupted in the worker (soft)
+                {"op": "hang", "seconds": 30},  # ignores SIGALRM: worker killed (hard)
+                {"pred": "1/2", "gold": "0.5"},  # served by the replacement worker
+                {"op": "raise", "message": "bad"},
+            ]
+        )
         assert time.monotonic() - t0 < 8
         assert [o["status"] for o in out] == ["timeout", "timeout", "ok", "error"]
         assert out[1].get("hard") and out[2]["score"] == 1.0 and "bad" in out[3]["error"]
@@ -223,13 +254,28 @@ def test_pool_soft_and_hard_timeouts_replace_worker():
 
 # ----------------------------------------------------------------------------- choice
 
-@pytest.mark.parametrize("text, n, want", [
-    ("B", 4, "B"), ("(C)", 4, "C"), ("D.", 4, "D"), ("A) 12", 4, "A"),
-    ("The answer is C", 4, "C"), ("Answer: (D)", 4, "D"), ("**B**", 4, "B"),
-    ("BB", 4, None), ("AB", 4, None), ("Because", 4, None), ("E", 4, None),
-    ("(A) or (B)", 4, None), ("A and B", 4, None), ("I think C", 4, "C"),
-    ("The answer is Because", 4, None), ("", 4, None),
-])
+
+@pytest.mark.parametrize(
+    "text, n, want",
+    [
+        ("B", 4, "B"),
+        ("(C)", 4, "C"),
+        ("D.", 4, "D"),
+        ("A) 12", 4, "A"),
+        ("The answer is C", 4, "C"),
+        ("Answer: (D)", 4, "D"),
+        ("**B**", 4, "B"),
+        ("BB", 4, None),
+        ("AB", 4, None),
+        ("Because", 4, None),
+        ("E", 4, None),
+        ("(A) or (B)", 4, None),
+        ("A and B", 4, None),
+        ("I think C", 4, "C"),
+        ("The answer is Because", 4, None),
+        ("", 4, None),
+    ],
+)
 def test_extract_choice_letter(text, n, want):
     assert extract_choice_letter(text, n) == want
 
@@ -237,7 +283,7 @@ def test_extract_choice_letter(text, n, want):
 def test_choice_reward():
     r = build_reward("choice")
     recs = [{"answer": "C", "choices": ["red", "green", "blue"]}] * 5 + [
-        {"answer": "blue", "choices": ["red", "green", "blue"]},   # gold as choice text
+        {"answer": "blue", "choices": ["red", "green", "blue"]},  # gold as choice text
         {"answer": "purple", "choices": ["red", "green", "blue"]},  # unmappable gold
     ]
     comps = [C("C"), C("(C) blue"), C("Blue"), C("Because"), "no tag C", C("C"), C("C")]
@@ -248,12 +294,29 @@ def test_choice_reward():
 
 # ----------------------------------------------------------------------------- numeric
 
-@pytest.mark.parametrize("text, want", [
-    ("1,234.5", 1234.5), ("$12", 12.0), ("\\$12", 12.0), ("45%", 45.0), ("45\\%", 45.0),
-    ("1e-3", 1e-3), ("-2.5E+2", -250.0), ("3/4", 0.75), ("\\frac{3}{4}", 0.75),
-    ("$-7$", -7.0), ("x = 5", 5.0), ("5 cm", 5.0), ("1/0", None), ("abc", None),
-    ("3 or 4", None), ("", None), (".5", 0.5),
-])
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("1,234.5", 1234.5),
+        ("$12", 12.0),
+        ("\\$12", 12.0),
+        ("45%", 45.0),
+        ("45\\%", 45.0),
+        ("1e-3", 1e-3),
+        ("-2.5E+2", -250.0),
+        ("3/4", 0.75),
+        ("\\frac{3}{4}", 0.75),
+        ("$-7$", -7.0),
+        ("x = 5", 5.0),
+        ("5 cm", 5.0),
+        ("1/0", None),
+        ("abc", None),
+        ("3 or 4", None),
+        ("", None),
+        (".5", 0.5),
+    ],
+)
 def test_parse_number(text, want):
     got = parse_number(text)
     assert got == pytest.approx(want) if want is not None else got is None
@@ -270,6 +333,7 @@ def test_numeric_reward():
 
 # ----------------------------------------------------------------------------- length
 
+
 def test_length_reward():
     r = build_reward("length", {"target": 10})
     assert r(["x" * 5, "x" * 10, "x" * 15, "x" * 100], [{}] * 4).scores == [0.0, 0.0, -0.5, -1.0]
@@ -280,6 +344,7 @@ def test_length_reward():
 
 
 # ----------------------------------------------------------------------------- RewardSet
+
 
 class _Boom(Reward):
     def __init__(self):
@@ -306,16 +371,18 @@ def test_plugins():
 
 
 def test_rewardset_weighted_total_and_correctness():
-    rs = RewardSet.from_config({
-        "correctness": "accuracy",
-        "components": {"accuracy": {"weight": 1.0, "workers": 0}, "format": {"weight": 0.5}},
-    })
+    rs = RewardSet.from_config(
+        {
+            "correctness": "accuracy",
+            "components": {"accuracy": {"weight": 1.0, "workers": 0}, "format": {"weight": 0.5}},
+        }
+    )
     comps = [C("3"), "<answer>3</answer>", C("4"), "3"]
     total, parts, correct, metrics = rs(comps, [{"answer": "3"}] * 4)
     assert parts["accuracy"] == [1.0, 1.0, 0.0, 0.0]
     assert parts["format"] == [1.0, 0.0, 1.0, 0.0]
     assert total == [1.5, 1.0, 0.5, 0.0]
-    assert correct == [1.0, 1.0, 0.0, 0.0]          # format never makes it correct
+    assert correct == [1.0, 1.0, 0.0, 0.0]  # format never makes it correct
     assert metrics["rewards/accuracy/mean"] == 0.5 and metrics["rewards/format/mean"] == 0.5
     assert metrics["rewards/accuracy/failures"] == 0 and metrics["rewards/accuracy/timeouts"] == 0
     assert metrics["rewards/accuracy/missing_answer"] == 1
@@ -333,8 +400,10 @@ def test_rewardset_correctness_plugin_with_zero_weight():
 
 
 def test_rewardset_failing_plugins_do_not_crash(test_plugins):
-    rs = RewardSet({"_test_boom": {"weight": 2.0}, "_test_broken": {"weight": 1.0},
-                    "format": {"weight": 1.0}}, correctness="format")
+    rs = RewardSet(
+        {"_test_boom": {"weight": 2.0}, "_test_broken": {"weight": 1.0}, "format": {"weight": 1.0}},
+        correctness="format",
+    )
     total, parts, correct, metrics = rs([C("ok"), C("boom")], [{"answer": "1"}] * 2)
     assert parts["_test_boom"] == [0.25, 0.0] and parts["_test_broken"] == [0.0, 0.0]
     assert total == [1.5, 1.0]
@@ -380,5 +449,4 @@ def test_config_yamls_build():
 
 def test_reward_result_defaults():
     r = RewardResult()
-    assert r.scores == [] and r.failures == 0 and r.timeouts == 0 and r.errors == [] \
-        and r.stats == {}
+    assert r.scores == [] and r.failures == 0 and r.timeouts == 0 and r.errors == [] and r.stats == {}

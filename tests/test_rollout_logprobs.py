@@ -2,9 +2,10 @@
 tiny real Qwen2.5-VL in fp32: generation and training log-probs agree, a sample's log-probs
 do not depend on its batch, pixel rows follow their image when expanding, and vision tokens
 are never sampled."""
-import torch
 
+import torch
 from conftest import make_image
+
 from framework.logprobs import completion_logprobs
 from framework.models.loading import load_model
 from framework.rollout.base import SamplingParams
@@ -15,9 +16,16 @@ from framework.rollout.inputs import encode_prompts, expand_inputs, select_input
 def _records():
     return [
         {"question": "How many shapes are in the image?", "images": [make_image(56, 0)], "answer": "1"},
-        {"question": "What color is the shape in the top-left cell? Answer with a longer question text here.",
-         "images": [make_image(84, 1)], "answer": "2"},
-        {"question": "<image> and <image>: how many?", "images": [make_image(56, 2), make_image(112, 3)], "answer": "3"},
+        {
+            "question": "What color is the shape in the top-left cell? Answer with a longer question text here.",
+            "images": [make_image(84, 1)],
+            "answer": "2",
+        },
+        {
+            "question": "<image> and <image>: how many?",
+            "images": [make_image(56, 2), make_image(112, 3)],
+            "answer": "3",
+        },
     ]
 
 
@@ -40,7 +48,8 @@ def test_generation_logprobs_match_training_forward(tiny_vl_path, vl_bundle):
 
     # without the 3D positions (mm_token_type_ids / explicit position ids) the forward silently disagrees
     kw = training_inputs(pin, gen.completion_ids, gen.completion_mask, model)
-    kw.pop("position_ids"); kw.pop("mm_token_type_ids")
+    kw.pop("position_ids")
+    kw.pop("mm_token_type_ids")
     with torch.no_grad():
         bad = completion_logprobs(model, kw, gen.completion_ids.shape[1])[0] * gen.completion_mask
     assert (bad - gen.logprobs).abs().max() > 1e-4
@@ -56,10 +65,10 @@ def test_logprobs_do_not_depend_on_batch_companions(tiny_vl_path, vl_bundle):
     pin = expand_inputs(prompts.inputs, 2, prompts.images_per_sample)
     full = _logp(model, pin, gen.completion_ids, gen.completion_mask)
     for i in range(6):
-        alone_prompt = encode_prompts(vl_bundle, [_records()[i // 2]])   # no left padding at all
-        m = gen.completion_mask[i:i + 1]
+        alone_prompt = encode_prompts(vl_bundle, [_records()[i // 2]])  # no left padding at all
+        m = gen.completion_mask[i : i + 1]
         T = int(m.sum())
-        alone = _logp(model, alone_prompt.inputs, gen.completion_ids[i:i + 1, :T], m[:, :T])
+        alone = _logp(model, alone_prompt.inputs, gen.completion_ids[i : i + 1, :T], m[:, :T])
         assert (alone[0] - full[i, :T]).abs().max() < 1e-5, i
         sub = select_inputs(pin, [i], ips)
         assert torch.equal(sub["pixel_values"], alone_prompt.inputs["pixel_values"])

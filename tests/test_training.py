@@ -1,5 +1,6 @@
 """End-to-end training on CPU with the tiny real Qwen2.5-VL: the policy learns (held-out
 accuracy rises), and a resumed run continues exactly where an interrupted one stopped."""
+
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 def cfg_for(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", "logger.wandb=false",
-                                            "trainer.progress_bar=false", *overrides])
+        return compose(
+            "config",
+            overrides=[f"output_dir={tmp_path}", "logger.wandb=false", "trainer.progress_bar=false", *overrides],
+        )
 
 
 # Held-out sampled accuracy (pass@1 at the rollout temperature 1.0) of the warm-started tiny
@@ -24,8 +27,11 @@ MARGIN = 0.10
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "grpo_d", "apo"])
 def test_training_improves_heldout_accuracy(tmp_path, algorithm):
-    res = train(cfg_for(tmp_path, f"algorithm={algorithm}", "trainer.max_steps=60", "trainer.eval_every=0",
-                        "trainer.eval_size=200"))
+    res = train(
+        cfg_for(
+            tmp_path, f"algorithm={algorithm}", "trainer.max_steps=60", "trainer.eval_every=0", "trainer.eval_size=200"
+        )
+    )
     acc = res.metric("eval/accuracy_sampled")
     assert len(acc) == 2, res.history[-1]
     before, after = acc
@@ -35,14 +41,22 @@ def test_training_improves_heldout_accuracy(tmp_path, algorithm):
     assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10
     # the final checkpoint is a Hugging Face folder that from_pretrained loads
     from transformers import AutoModelForImageTextToText
+
     AutoModelForImageTextToText.from_pretrained(res.final_checkpoint / "policy")
 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     """GRPO-D, so the KL schedule's position must survive the restart too."""
-    common = ["algorithm=grpo_d", "trainer.max_steps=4", "trainer.prompts_per_step=4", "trainer.eval_every=0", "trainer.eval_size=8",
-              "trainer.save_every=2", "rollout.group_size=4"]
+    common = [
+        "algorithm=grpo_d",
+        "trainer.max_steps=4",
+        "trainer.prompts_per_step=4",
+        "trainer.eval_every=0",
+        "trainer.eval_size=8",
+        "trainer.save_every=2",
+        "rollout.group_size=4",
+    ]
     full = train(cfg_for(tmp_path / "full", *common))
     ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
     assert (ckpt / "state.ckpt").exists() and (ckpt / "policy" / "config.json").exists()
@@ -59,9 +73,19 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_example_plugin_algorithm_trains_end_to_end(tmp_path, monkeypatch):
     """examples/my_algo registers grpo_len from outside the framework packages."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "my_algo"))
-    res = train(cfg_for(tmp_path, "plugins=[my_algo]", "algorithm.name=grpo_len", "+algorithm.length_penalty=0.01",
-                        "trainer.max_steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
-                        "trainer.eval_every=0", "trainer.eval_size=4"))
+    res = train(
+        cfg_for(
+            tmp_path,
+            "plugins=[my_algo]",
+            "algorithm.name=grpo_len",
+            "+algorithm.length_penalty=0.01",
+            "trainer.max_steps=2",
+            "trainer.prompts_per_step=4",
+            "rollout.group_size=4",
+            "trainer.eval_every=0",
+            "trainer.eval_size=4",
+        )
+    )
     rows = [r for r in res.history if "reward" in r]
     assert [r["rl_step"] for r in rows] == [1.0, 2.0]
     # the logged reward is the plugins' weighted sum; the algorithm's shaping shows in the advantages
@@ -74,6 +98,7 @@ def _register_nan_algorithm():
 
     class NaNRewards(GRPO):
         """Test-only: poisons the rewards so the advantages and the loss are NaN."""
+
         def shape_rewards(self, rollout):
             rollout.rewards = rollout.rewards * float("nan")
 
@@ -84,8 +109,14 @@ def test_nonfinite_loss_stops_with_step_and_metric_or_skips(tmp_path):
     from framework.module import NonFiniteError
 
     _register_nan_algorithm()
-    common = ["algorithm.name=test_nan", "trainer.max_steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
-              "trainer.eval_every=0", "trainer.eval_size=4"]
+    common = [
+        "algorithm.name=test_nan",
+        "trainer.max_steps=2",
+        "trainer.prompts_per_step=4",
+        "rollout.group_size=4",
+        "trainer.eval_every=0",
+        "trainer.eval_size=4",
+    ]
     with pytest.raises(NonFiniteError, match=r"RL step 0 .*non-finite metric\(s\): .*(loss|policy_loss)"):
         train(cfg_for(tmp_path / "a", *common))
     res = train(cfg_for(tmp_path / "b", *common, "trainer.on_nonfinite=skip"))

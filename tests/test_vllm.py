@@ -10,6 +10,7 @@ ordering, and the truncated importance-sampling correction.
 Tolerance: sampler log-probs vs the trainer's ``completion_logprobs`` (fp32, same tokens):
 LOGP_TOL = 1e-4 per token (measured ~2e-6 on CPU).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,17 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image
 from hydra import compose, initialize_config_dir
 
-from conftest import make_image
 from framework.config import RolloutConfig
 from framework.logprobs import completion_logprobs
 from framework.models.loading import load_model, load_model_bundle
 from framework.rollout.base import SamplingParams
 from framework.rollout.hf import HFGenerateEngine
 from framework.rollout.inputs import encode_prompts, expand_inputs, training_inputs
-from framework.rollout.vllm_engine import (VLLMEngine, build_engine_prompts, check_engine_prompt,
-                                           collapse_placeholders)
+from framework.rollout.vllm_engine import VLLMEngine, build_engine_prompts, check_engine_prompt, collapse_placeholders
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REQUIRE = os.environ.get("APO_RL_REQUIRE_VLLM") == "1"
@@ -41,8 +41,10 @@ SYSTEM = "A conversation between User and Assistant."
 
 def cfg_for(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("config", overrides=[f"output_dir={tmp_path}", "logger.wandb=false",
-                                            "trainer.progress_bar=false", *overrides])
+        return compose(
+            "config",
+            overrides=[f"output_dir={tmp_path}", "logger.wandb=false", "trainer.progress_bar=false", *overrides],
+        )
 
 
 def text_records():
@@ -65,7 +67,7 @@ def trainer_logprobs(model, prompts, n, gen, temperature=1.0):
 def test_without_vllm_the_engine_fails_with_the_install_command(monkeypatch, tmp_path, tiny_text_path):
     from framework.train import check_early
 
-    monkeypatch.setitem(sys.modules, "vllm", None)   # `import vllm` raises ImportError
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     bundle = load_model_bundle(tiny_text_path)
     with pytest.raises(ImportError) as ei:
         VLLMEngine(RolloutConfig(engine="vllm"), bundle, load_model(tiny_text_path))
@@ -80,8 +82,11 @@ def test_without_vllm_the_engine_fails_with_the_install_command(monkeypatch, tmp
 def _vl_records():
     return [
         {"question": "How many shapes are in the image?", "images": [make_image(56, 0)], "answer": "1"},
-        {"question": "<image> and <image>: how many in total? A longer question.", "images": [make_image(84, 1), make_image(56, 2)],
-         "answer": "2"},
+        {
+            "question": "<image> and <image>: how many in total? A longer question.",
+            "images": [make_image(84, 1), make_image(56, 2)],
+            "answer": "2",
+        },
         {"question": "What color is the top-left shape?", "images": [make_image(112, 3)], "answer": "red"},
     ]
 
@@ -94,14 +99,14 @@ def test_engine_prompt_is_built_from_the_trainers_token_ids_vl(vl_bundle):
     pad_tok = vl_bundle.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     reqs = build_engine_prompts(prompts, vl_bundle)
     ids, att = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
-    assert (att == 0).any()   # the batch is left padded
-    per_image = (prompts.inputs["image_grid_thw"].prod(-1) // 4).tolist()   # 4, 9+4, 16 -> [4, 9, 4, 16]
+    assert (att == 0).any()  # the batch is left padded
+    per_image = (prompts.inputs["image_grid_thw"].prod(-1) // 4).tolist()  # 4, 9+4, 16 -> [4, 9, 4, 16]
     assert [r.image_tokens for r in reqs] == [per_image[0:1], per_image[1:3], per_image[3:4]]
     for i, r in enumerate(reqs):
         row = ids[i][att[i].bool()].tolist()
         assert r.trainer_ids == row and pad_tok not in [row[0]] and row[0] != vl_bundle.pad_token_id
         engine_ids = r.request["prompt_token_ids"]
-        assert engine_ids.count(pad_tok) == len(prompts.images[i])    # one placeholder per image
+        assert engine_ids.count(pad_tok) == len(prompts.images[i])  # one placeholder per image
         imgs = r.request["multi_modal_data"]["image"]
         assert len(imgs) == len(prompts.images[i]) and all(im.mode == "RGB" for im in imgs)
         assert [im.size for im in imgs] == [im.size for im in prompts.images[i]]
@@ -114,7 +119,7 @@ def test_engine_prompt_is_built_from_the_trainers_token_ids_vl(vl_bundle):
             else:
                 expanded.append(t)
         assert expanded == row
-        check_engine_prompt(i, row, expanded, pad_tok)   # what generate() checks against vLLM's prompt
+        check_engine_prompt(i, row, expanded, pad_tok)  # what generate() checks against vLLM's prompt
 
 
 def test_placeholder_count_mismatch_is_caught_per_sample(vl_bundle):
@@ -124,7 +129,9 @@ def test_placeholder_count_mismatch_is_caught_per_sample(vl_bundle):
     bad = dataclasses.replace(prompts, inputs=dict(prompts.inputs))
     row = bad.inputs["input_ids"][1].clone()
     first = int((row == pad_tok).nonzero()[0])
-    row[first] = vl_bundle.tokenizer.convert_tokens_to_ids("<|vision_start|>")   # one token short for image 0 of sample 1
+    row[first] = vl_bundle.tokenizer.convert_tokens_to_ids(
+        "<|vision_start|>"
+    )  # one token short for image 0 of sample 1
     bad.inputs["input_ids"] = bad.inputs["input_ids"].clone()
     bad.inputs["input_ids"][1] = row
     with pytest.raises(ValueError, match=r"sample 1: .*image placeholder tokens"):
@@ -135,7 +142,9 @@ def test_placeholder_count_mismatch_is_caught_per_sample(vl_bundle):
     reqs = build_engine_prompts(prompts, vl_bundle)
     trainer = reqs[2].trainer_ids
     engine = [t for t in trainer if t != pad_tok][:5] + [pad_tok] * 4 + [t for t in trainer if t != pad_tok][5:]
-    with pytest.raises(ValueError, match=r"sample 2: the engine's prompt has 4 image placeholder tokens, the trainer's has 16"):
+    with pytest.raises(
+        ValueError, match=r"sample 2: the engine's prompt has 4 image placeholder tokens, the trainer's has 16"
+    ):
         check_engine_prompt(2, trainer, engine, pad_tok)
     with pytest.raises(ValueError, match="differs from the trainer's at token 3"):
         check_engine_prompt(0, [1, 2, 3, 4], [1, 2, 3, 5], pad_tok)
@@ -160,6 +169,7 @@ class StubLLM:
         class Engine:
             def reset_encoder_cache(self):
                 stub.calls.append("reset_encoder_cache")
+
         self.llm_engine = Engine()
 
     def collective_rpc(self, method, args=(), kwargs=None):
@@ -185,18 +195,28 @@ def test_sync_pushes_hf_named_weights_and_resets_caches_sleep_wakes_weights_firs
     eng = VLLMEngine(RolloutConfig(engine="vllm", sleep=True), vl_bundle, model, llm=llm)
     resets = ["reset_prefix_cache", "reset_encoder_cache", "reset_mm_cache"]
     names = [n for n, _ in model.named_parameters()]
-    assert llm.calls == [("rpc", "_reload_weights", names), *resets]   # pushed at start (resume, warm-start)
-    assert any(n.startswith("model.visual.") for n in names)           # the vision tower too
+    assert llm.calls == [("rpc", "_reload_weights", names), *resets]  # pushed at start (resume, warm-start)
+    assert any(n.startswith("model.visual.") for n in names)  # the vision tower too
     llm.calls.clear()
     eng.sleep()
     eng.wake(["weights"])
     eng.sync_weights(model)
     eng.wake(["kv_cache"])
-    assert llm.calls == [("sleep", 2), ("wake_up", ("weights",)), ("rpc", "_reload_weights", names), *resets,
-                         ("wake_up", ("kv_cache",))]
+    assert llm.calls == [
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("rpc", "_reload_weights", names),
+        *resets,
+        ("wake_up", ("kv_cache",)),
+    ]
     # VL: vision tokens are never sampled
-    assert set(eng._bad_words) == {"<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                                                         "<|image_pad|>", "<|video_pad|>"}
+    assert set(eng._bad_words) == {
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    }
 
 
 def test_truncated_is_weights_scale_the_policy_gradient():
@@ -208,12 +228,20 @@ def test_truncated_is_weights_scale_the_policy_gradient():
     ls = torch.tensor([[-1.0, -1.0, -2.5], [-0.2, -1.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     w = truncated_is_weights(lt, ls, cap=2.0, mask=mask)
-    want = torch.tensor([[1.0, torch.exp(torch.tensor(-1.0)), 2.0], [torch.exp(torch.tensor(0.1)), torch.exp(torch.tensor(-2.0)), 0.0]])
+    want = torch.tensor(
+        [[1.0, torch.exp(torch.tensor(-1.0)), 2.0], [torch.exp(torch.tensor(0.1)), torch.exp(torch.tensor(-2.0)), 0.0]]
+    )
     assert torch.allclose(w, want)
 
     algo = build_algorithm({"name": "grpo", "kl": {"coef": 0.0}}, total_steps=1)
-    r = Rollout(completion_ids=torch.zeros(2, 3, dtype=torch.long), completion_mask=mask, group_ids=torch.tensor([0, 0]),
-                rewards=torch.tensor([1.0, 0.0]), correct=torch.tensor([1.0, 0.0]), truncated=torch.tensor([False, False]))
+    r = Rollout(
+        completion_ids=torch.zeros(2, 3, dtype=torch.long),
+        completion_mask=mask,
+        group_ids=torch.tensor([0, 0]),
+        rewards=torch.tensor([1.0, 0.0]),
+        correct=torch.tensor([1.0, 0.0]),
+        truncated=torch.tensor([False, False]),
+    )
     algo.prepare(r, step=0)
     norm = LossNormalizer(num_sequences=2.0, num_tokens=5.0, max_len=3.0)
 
@@ -225,8 +253,8 @@ def test_truncated_is_weights_scale_the_policy_gradient():
         return logp.grad
 
     g0, gw = grad(None), grad(w)
-    assert torch.allclose(gw, g0 * w)                         # per token, the weight multiplies the PG term
-    assert torch.allclose(grad(torch.ones_like(w) * mask), g0)   # weight 1: no change
+    assert torch.allclose(gw, g0 * w)  # per token, the weight multiplies the PG term
+    assert torch.allclose(grad(torch.ones_like(w) * mask), g0)  # weight 1: no change
     assert not w.requires_grad
 
 
@@ -257,12 +285,27 @@ def test_trainer_sleeps_engine_around_update_and_logs_gap_and_tis(tmp_path):
     ROLLOUT_ENGINES.register("test_recorder", Recorder, override=True)
     from framework.train import train
 
-    res = train(cfg_for(tmp_path, "model=tiny_qwen2", "model.name_or_path=tiny:qwen2", "data=synthetic_text",
-                        "rollout=vllm", "rollout.engine=test_recorder", "rollout.sleep=true", "rollout.tis_cap=2.0",
-                        "trainer.max_steps=2", "trainer.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
-                        "trainer.eval_every=0", "trainer.eval_size=2", "algorithm.kl.coef=0.0"))
+    res = train(
+        cfg_for(
+            tmp_path,
+            "model=tiny_qwen2",
+            "model.name_or_path=tiny:qwen2",
+            "data=synthetic_text",
+            "rollout=vllm",
+            "rollout.engine=test_recorder",
+            "rollout.sleep=true",
+            "rollout.tis_cap=2.0",
+            "trainer.max_steps=2",
+            "trainer.prompts_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_new_tokens=8",
+            "trainer.eval_every=0",
+            "trainer.eval_size=2",
+            "algorithm.kl.coef=0.0",
+        )
+    )
     step = [("generate", True), "sleep", ("wake", ("weights",)), "sync", ("wake", ("kv_cache",))]
-    train_calls = [c for c in calls if c != ("generate", False)]   # evaluation generates without log-probs
+    train_calls = [c for c in calls if c != ("generate", False)]  # evaluation generates without log-probs
     assert train_calls == step + step
     assert max(res.metric("rollout/logp_diff_mean")) < 1e-4
     assert all(abs(v - 1.0) < 1e-3 for v in res.metric("rollout/tis_weight_mean"))
@@ -306,7 +349,7 @@ def test_generate_shapes_logprobs_and_eos(engine, prompts):
     assert N == 12 and 1 <= T <= 12
     assert gen.completion_mask.shape == gen.logprobs.shape == (N, T) and gen.truncated.shape == (N,)
     m = gen.completion_mask
-    assert torch.all(m[:, 1:] <= m[:, :-1])                         # a prefix per row
+    assert torch.all(m[:, 1:] <= m[:, :-1])  # a prefix per row
     assert torch.all(gen.completion_ids[m == 0] == b.pad_token_id)
     assert torch.all(gen.logprobs[m == 0] == 0) and torch.all(gen.logprobs[m == 1] <= 0)
 
@@ -323,12 +366,12 @@ def test_generate_shapes_logprobs_and_eos(engine, prompts):
     for i in range(6):
         full = greedy.completion_ids[i // 2][greedy.completion_mask[i // 2].bool()].tolist()
         k = full.index(stop) + 1 if stop in full else len(full)
-        assert g.completion_ids[i, :k].tolist() == full[:k]             # up to and including the EOS
+        assert g.completion_ids[i, :k].tolist() == full[:k]  # up to and including the EOS
         assert int(g.completion_mask[i].sum()) == k
         assert bool(g.truncated[i]) == (stop not in full)
         assert torch.all(g.completion_ids[i, k:] == bundle.pad_token_id)
     assert int(g.completion_mask[0].sum()) <= 4 and not g.truncated[0]
-    assert torch.equal(g.completion_ids[0], g.completion_ids[1])         # greedy: n identical copies
+    assert torch.equal(g.completion_ids[0], g.completion_ids[1])  # greedy: n identical copies
 
 
 @pytest.mark.vllm
@@ -344,14 +387,16 @@ def test_weight_sync_in_place_next_generation_follows_new_weights(engine, prompt
     old = engine.model
     new = copy.deepcopy(old)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # an update's worth of change to every parameter
+    with torch.no_grad():  # an update's worth of change to every parameter
         for p in new.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     sp = SamplingParams(max_new_tokens=12, return_logprobs=True)
     try:
-        stale = engine.generate(prompts, 4, sp)   # not synced yet: still the old weights
+        stale = engine.generate(prompts, 4, sp)  # not synced yet: still the old weights
         assert (trainer_logprobs(old, prompts, 4, stale) - stale.logprobs).abs().max() < LOGP_TOL
-        stale_gap = ((trainer_logprobs(new, prompts, 4, stale) - stale.logprobs).abs().sum() / stale.completion_mask.sum())
+        stale_gap = (
+            trainer_logprobs(new, prompts, 4, stale) - stale.logprobs
+        ).abs().sum() / stale.completion_mask.sum()
         assert stale_gap > 1e-2
 
         engine.sync_weights(new)
@@ -364,7 +409,10 @@ def test_weight_sync_in_place_next_generation_follows_new_weights(engine, prompt
         v = engine.generate(prompts, 1, greedy)
         h = HFGenerateEngine(None, engine.bundle, new).generate(prompts, 1, greedy)
         for i in range(len(prompts)):
-            assert v.completion_ids[i][v.completion_mask[i].bool()].tolist() == h.completion_ids[i][h.completion_mask[i].bool()].tolist()
+            assert (
+                v.completion_ids[i][v.completion_mask[i].bool()].tolist()
+                == h.completion_ids[i][h.completion_mask[i].bool()].tolist()
+            )
     finally:
         engine.sync_weights(old)
     back = engine.generate(prompts, 4, sp)
@@ -377,7 +425,7 @@ def test_bad_words_keep_vision_tokens_out_of_samples(engine, prompts):
     on the text twin, whose vocabulary has the same tokens: near-uniform sampling draws them
     without the ban (about 1 in 100 tokens) and never with it."""
     vision = set(engine.bundle.vision_token_ids)
-    hot = SamplingParams(temperature=2.0, max_new_tokens=24)   # vLLM allows <= 2
+    hot = SamplingParams(temperature=2.0, max_new_tokens=24)  # vLLM allows <= 2
     free = engine.generate(prompts, 16, hot)
     n_free = sum(t in vision for t in free.completion_ids[free.completion_mask.bool()].tolist())
     print("vision tokens sampled without the ban:", n_free, "of", int(free.completion_mask.sum()))
@@ -391,12 +439,24 @@ def test_bad_words_keep_vision_tokens_out_of_samples(engine, prompts):
 
 
 LENGTH_REWARD_RUN = [
-    "rollout=vllm", "model=tiny_qwen2", "data=synthetic_text", "model.name_or_path=tiny:qwen2",
-    "reward.correctness=length", "~reward.components.accuracy", "~reward.components.format",
-    "+reward.components.length={weight:1.0,target:20}", "algorithm.kl.coef=0.0",
-    "trainer.prompts_per_step=4", "rollout.group_size=8", "rollout.max_new_tokens=12",
-    "trainer.eval_every=0", "trainer.eval_size=4", "optim.lr=3e-3",
-    "rollout.enforce_eager=true", "rollout.max_model_len=1024"]
+    "rollout=vllm",
+    "model=tiny_qwen2",
+    "data=synthetic_text",
+    "model.name_or_path=tiny:qwen2",
+    "reward.correctness=length",
+    "~reward.components.accuracy",
+    "~reward.components.format",
+    "+reward.components.length={weight:1.0,target:20}",
+    "algorithm.kl.coef=0.0",
+    "trainer.prompts_per_step=4",
+    "rollout.group_size=8",
+    "rollout.max_new_tokens=12",
+    "trainer.eval_every=0",
+    "trainer.eval_size=4",
+    "optim.lr=3e-3",
+    "rollout.enforce_eager=true",
+    "rollout.max_model_len=1024",
+]
 
 
 def _length_reward_run(tmp_path, *extra):
@@ -415,8 +475,8 @@ def test_training_with_vllm_improves_reward_and_engine_tracks_policy(vllm_module
     gap = res.metric("rollout/logp_diff_mean")
     print("reward per step:", [round(r, 3) for r in rewards], "\nlogp gap per step:", [f"{g:.1e}" for g in gap])
     assert len(rewards) == len(gap) == 10
-    assert max(gap) < 1e-4                          # every step: the engine served the current policy
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1   # seed 0: -0.51 -> -0.28
+    assert max(gap) < 1e-4  # every step: the engine served the current policy
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1  # seed 0: -0.51 -> -0.28
 
 
 @pytest.mark.vllm
@@ -424,19 +484,20 @@ def test_training_with_vllm_improves_reward_and_engine_tracks_policy(vllm_module
 def test_skipped_weight_sync_shows_in_the_gap_metric(vllm_module, tmp_path, monkeypatch, capsys):
     from framework.train import train
 
-    monkeypatch.setattr(VLLMEngine, "sync_weights", lambda self, model: None)   # a broken sync
+    monkeypatch.setattr(VLLMEngine, "sync_weights", lambda self, model: None)  # a broken sync
     res = train(_length_reward_run(tmp_path, "trainer.max_steps=3", "rollout.logp_diff_warn=0.05"))
     gap = res.metric("rollout/logp_diff_mean")
     print("logp gap per step:", [f"{g:.1e}" for g in gap])
-    assert gap[0] < 1e-4                      # step 1: the engine's weights from disk are still the policy's
-    assert min(gap[1:]) > 0.05                # then the policy moved and the engine did not
+    assert gap[0] < 1e-4  # step 1: the engine's weights from disk are still the policy's
+    assert min(gap[1:]) > 0.05  # then the policy moved and the engine did not
     assert "sampler/trainer log-prob gap" in capsys.readouterr().out
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [["trainer.strategy=ddp"], ["trainer=fsdp", "trainer.fsdp.mixed_precision=null"]],
-                         ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "strategy", [["trainer.strategy=ddp"], ["trainer=fsdp", "trainer.fsdp.mixed_precision=null"]], ids=["ddp", "fsdp"]
+)
 def test_one_engine_per_rank_tracks_the_policy(vllm_module, tmp_path, strategy):
     """2 training processes, each with its own colocated engine (vLLM's external launcher in
     the trainer's process group): after every update each engine serves the new weights (for
@@ -445,13 +506,23 @@ def test_one_engine_per_rank_tracks_the_policy(vllm_module, tmp_path, strategy):
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    args = [*LENGTH_REWARD_RUN, "trainer.max_steps=3", "logger.wandb=false", "trainer.progress_bar=false", *strategy,
-            "trainer.devices=2", "trainer.accelerator=cpu", f"output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    args = [
+        *LENGTH_REWARD_RUN,
+        "trainer.max_steps=3",
+        "logger.wandb=false",
+        "trainer.progress_bar=false",
+        *strategy,
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        f"output_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}",
+    ]
     env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}
-    p = subprocess.run([sys.executable, "-m", "framework.run", *args], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "framework.run", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("reward")]
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()) if r.get("reward")]
     assert [float(r["rl_step"]) for r in rows] == [1.0, 2.0, 3.0]
     for r in rows:
         assert float(r["rollout/logp_diff_max"]) < LOGP_TOL, r["rl_step"]

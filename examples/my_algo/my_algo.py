@@ -3,6 +3,7 @@
 Use it without editing apo-rl: put this folder on PYTHONPATH and run with
 ``plugins=[my_algo] algorithm.name=grpo_len`` (or algorithm=grpo plus the override).
 """
+
 from dataclasses import dataclass
 
 from algorithms.base import check_nonneg

@@ -20,11 +20,13 @@ MathVista (choices + the answer as the choice's text -> letter), MMK12 and Geome
 only a field map (``task: hub``); R1-V's test files (SuperCLEVR counting, GeoQA) are local
 jsonl files read by ``task: local``. See configs/data/<benchmark>.yaml.
 """
+
 from __future__ import annotations
 
 import ast
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from datasets import Dataset
 
@@ -46,11 +48,11 @@ def parse_inline_choices(question: str, header: str = r"(?:Options|Choices)") ->
     m = re.search(header + r"\s*:\s*", question, re.I)
     if not m:
         return []
-    block = question[m.end():]
+    block = question[m.end() :]
     first = re.match(r"\s*\(?A\s*[:.)]\s*", block)
     if not first:
         return []
-    starts = [(0, first.end())]      # (marker start, text start)
+    starts = [(0, first.end())]  # (marker start, text start)
     pos = first.end()
     for L in LETTERS[1:]:
         nxt = re.compile(r"(?:\n|,\s*|;\s*)\s*\(?" + L + r"\s*[:.)]\s*").search(block, pos)
@@ -64,7 +66,7 @@ def parse_inline_choices(question: str, header: str = r"(?:Options|Choices)") ->
     for i, (_, text_start) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(block)
         text = block[text_start:end]
-        if i + 1 == len(starts):       # the last option ends at the first blank line
+        if i + 1 == len(starts):  # the last option ends at the first blank line
             text = re.split(r"\n\s*\n", text)[0]
         out.append(text.strip().rstrip(",;").strip())
     return out
@@ -81,6 +83,7 @@ def _columns(rows: list[dict], names: list[str]) -> dict:
 
 def _map(ds: Dataset, fn: Callable[[dict], dict], drop: tuple[str, ...] = ()) -> Dataset:
     """Row-wise ``fn`` (a dict of changed / new columns) over ``ds``; drops ``drop`` columns."""
+
     def batched(batch):
         rows = _rows(batch)
         changed = [fn(r) for r in rows]
@@ -88,8 +91,8 @@ def _map(ds: Dataset, fn: Callable[[dict], dict], drop: tuple[str, ...] = ()) ->
         out = {k: v for k, v in batch.items() if k not in drop}
         out.update({k: [c[k] for c in changed] for k in keys})
         return out
-    return ds.map(batched, batched=True, remove_columns=[c for c in ds.column_names if c in drop],
-                  desc="adapting rows")
+
+    return ds.map(batched, batched=True, remove_columns=[c for c in ds.column_names if c in drop], desc="adapting rows")
 
 
 def _column(cfg: Any, field: str, default: str) -> str:
@@ -136,8 +139,7 @@ def load_mmmu(cfg: Any):
 
 
 # ----------------------------------------------------------------------------- MathVerse
-VISION_ONLY_MC = ("According to the question shown in the image, answer the question and give the correct "
-                  "option letter.")
+VISION_ONLY_MC = "According to the question shown in the image, answer the question and give the correct option letter."
 VISION_ONLY_FREE = "According to the question shown in the image, answer the question."
 
 
@@ -198,10 +200,21 @@ def load_r1v(cfg: Any):
 
     def pre(ds: Dataset) -> Dataset:
         return _map(ds, lambda r: {col: strip_answer_tags(r.get(col))})
+
     return load_hub(cfg, preprocess=pre)
 
 
 BENCHMARK_TASKS = ("mmmu", "mathverse", "mmstar", "r1v")
 
-__all__ = ["BENCHMARK_TASKS", "load_mathverse", "load_mmmu", "load_mmstar", "load_r1v", "mathverse_row",
-           "mmmu_row", "mmstar_row", "parse_inline_choices", "strip_answer_tags"]
+__all__ = [
+    "BENCHMARK_TASKS",
+    "load_mathverse",
+    "load_mmmu",
+    "load_mmstar",
+    "load_r1v",
+    "mathverse_row",
+    "mmmu_row",
+    "mmstar_row",
+    "parse_inline_choices",
+    "strip_answer_tags",
+]

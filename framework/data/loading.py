@@ -16,6 +16,7 @@ unmapped fields use the column of the same name when present (``images`` also tr
 rows whose answer is the text of one of the choices, the answer becomes that choice's letter
 (the text is kept in ``metadata.answer_text``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,9 @@ import io
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -110,15 +112,12 @@ def resolve_columns(
     out: dict[str, str | None] = {}
     for field, col in field_map.items():
         if field not in FEATURES:
-            raise DataError(
-                f"field_map key {field!r} is not a schema field; schema fields: {COLUMNS}"
-            )
+            raise DataError(f"field_map key {field!r} is not a schema field; schema fields: {COLUMNS}")
         if col is None:
             out[field] = None
         elif col not in available:
             raise DataError(
-                f"column {col!r} (data.field_map.{field}) not found in {source}; "
-                f"available columns: {available}"
+                f"column {col!r} (data.field_map.{field}) not found in {source}; available columns: {available}"
             )
         else:
             out[field] = str(col)
@@ -322,14 +321,15 @@ def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
     def fn(batch, indices):
         n = len(indices)
         rows = [{k: v[j] for k, v in batch.items()} for j in range(n)]
-        recs = [
-            convert_row(r, columns, index=i, metadata_columns=meta_cols, **kw)
-            for r, i in zip(rows, indices)
-        ]
+        recs = [convert_row(r, columns, index=i, metadata_columns=meta_cols, **kw) for r, i in zip(rows, indices)]
         return {name: [rec[name] for rec in recs] for name in FEATURES}
 
     return ds.map(
-        fn, batched=True, with_indices=True, remove_columns=ds.column_names, features=FEATURES,
+        fn,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        features=FEATURES,
         desc=f"converting {source}",
     )
 
@@ -352,7 +352,7 @@ def _read_rows(path: Path) -> list[dict]:
         for key in ("data", "records", "rows", "examples"):
             if isinstance(data.get(key), list):
                 return data[key]
-        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
     return data
 
 

@@ -11,12 +11,14 @@ goes; with none, all images are placed before the text. ``choices`` is empty unl
 question is multiple choice, in which case ``answer`` is the letter ("A", "B", ...) of the
 right option.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import datasets
 from datasets import Features, Image, List, Value

@@ -17,12 +17,14 @@ The test split is drawn first from its own seed stream; the train split comes fr
 stream and redraws any sample whose (grid, question) also occurs in the test split, so no
 (image, question) pair is shared between the splits.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import random
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict
@@ -31,8 +33,8 @@ from framework.registry import TASKS
 
 from .schema import FEATURES, IMAGE_PLACEHOLDER, cfg_get, choice_letters, decode_metadata, to_plain
 
-CELL = 28          # pixels per cell = one visual token (patch 14 x spatial merge 2)
-SHAPE = 18         # side of a square / diameter of a circle
+CELL = 28  # pixels per cell = one visual token (patch 14 x spatial merge 2)
+SHAPE = 18  # side of a square / diameter of a circle
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -43,7 +45,7 @@ COLOR_NAMES = list(COLORS)
 COLOR_CODES = {"red": "R", "green": "G", "blue": "B", "yellow": "Y"}
 SHAPES = ("square", "circle")
 KINDS = ("count", "count_color", "color_choice", "compare")
-GRID_SIZE = {1: 2, 2: 3, 3: 4}   # difficulty -> k
+GRID_SIZE = {1: 2, 2: 3, 3: 4}  # difficulty -> k
 WHITE = 255
 
 # A cell is None (empty) or (color_index, shape_index); a grid is a tuple of k*k cells, row-major.
@@ -70,7 +72,7 @@ def render_image(grid: Sequence, k: int) -> np.ndarray:
         if cell is None:
             continue
         r, c = divmod(idx, k)
-        view = img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+        view = img[r * CELL : (r + 1) * CELL, c * CELL : (c + 1) * CELL]
         view[_MASKS[cell[1]]] = _RGB[cell[0]]
     return img
 
@@ -251,8 +253,14 @@ def generate_split(
                 "for the requested sizes -- lower train_size/test_size or raise the difficulty"
             )
         keys.add(key)
-        meta = {"kind": kind, "k": k, "grid": grid_rows(grid, k), "answer_type": _ANSWER_TYPE[kind],
-                "modality": modality, **meta}
+        meta = {
+            "kind": kind,
+            "k": k,
+            "grid": grid_rows(grid, k),
+            "answer_type": _ANSWER_TYPE[kind],
+            "modality": modality,
+            **meta,
+        }
         if modality == "image":
             images = [{"bytes": png_bytes(render_image(grid, k)), "path": None}]
             question = q
@@ -306,6 +314,15 @@ def reference_completion(record: dict) -> str:
 
 
 __all__ = [
-    "CELL", "SHAPE", "COLORS", "KINDS", "GRID_SIZE", "IMAGE_PLACEHOLDER",
-    "build", "generate_split", "reference_completion", "render_image", "render_text",
+    "CELL",
+    "SHAPE",
+    "COLORS",
+    "KINDS",
+    "GRID_SIZE",
+    "IMAGE_PLACEHOLDER",
+    "build",
+    "generate_split",
+    "reference_completion",
+    "render_image",
+    "render_text",
 ]

@@ -6,21 +6,20 @@ non-empty question and answer, a gold letter that names one of the choices, and 
 ``count_prompt_tokens`` callback from the trainer's processor) a prompt no longer than
 ``max_prompt_tokens``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from datasets import Dataset
+
+from framework.errors import DataError  # noqa: F401  (raised here, importable from here)
 
 from .schema import IMAGE_PLACEHOLDER, choice_letters, decode_image, decode_metadata
 
 MAX_SHOWN = 10
 FIX_HINT = "Fix the data, or set data.on_invalid=skip to skip and count them."
-
-
-class DataError(ValueError):
-    """Invalid data or a data source that cannot be loaded; the message says what and how to fix it."""
 
 
 @dataclass
@@ -42,10 +41,7 @@ class ValidationReport:
         shown = "; ".join(f"#{i} id={rid}: {why}" for i, rid, why in self.problems[:max_shown])
         more = len(self.problems) - max_shown
         tail = f"; ... and {more} more" if more > 0 else ""
-        return (
-            f"split {self.split}: {len(self.problems)} of {self.total} records invalid{action}: "
-            f"{shown}{tail}"
-        )
+        return f"split {self.split}: {len(self.problems)} of {self.total} records invalid{action}: {shown}{tail}"
 
     def __str__(self) -> str:
         return self.summary()
@@ -95,8 +91,7 @@ def check_record(
         letters = choice_letters(len(choices))
         if answer.strip() not in letters:
             problems.append(
-                f"answer {answer.strip()!r} is not a choice letter ({', '.join(letters)}) "
-                f"for {len(choices)} choices"
+                f"answer {answer.strip()!r} is not a choice letter ({', '.join(letters)}) for {len(choices)} choices"
             )
     if count_prompt_tokens is not None and max_prompt_tokens and not problems:
         record = {
@@ -138,16 +133,13 @@ def validate_records(
     index = 0
     for table in raw.iter(batch_size=batch_size):
         for row in table.to_pylist():
-            why = check_record(
-                row, count_prompt_tokens=count_prompt_tokens, max_prompt_tokens=max_prompt_tokens
-            )
+            why = check_record(row, count_prompt_tokens=count_prompt_tokens, max_prompt_tokens=max_prompt_tokens)
             if why:
                 problems.append((index, str(row.get("id", "")), "; ".join(why)))
             index += 1
     total = len(ds)
     bad = {i for i, _, _ in problems}
-    report = ValidationReport(split=split, total=total, kept=total - len(bad), problems=problems,
-                              on_invalid=on_invalid)
+    report = ValidationReport(split=split, total=total, kept=total - len(bad), problems=problems, on_invalid=on_invalid)
     if not problems:
         return ds, report
     if on_invalid == "error":

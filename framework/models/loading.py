@@ -4,6 +4,7 @@
 built-in tiny model (``tiny:qwen2_5_vl``, ``tiny:qwen2``, with ``-sft`` for the warm-started
 variant, e.g. ``tiny:qwen2_5_vl-sft``) that is built locally and cached.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,20 +14,25 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+from framework.errors import ModelNotFoundError  # noqa: F401  (raised here, importable from here)
 
-
-class ModelNotFoundError(FileNotFoundError):
-    pass
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
 class ModelBundle:
     """What the rest of the framework needs to know about a model."""
+
     path: str
     is_vl: bool
-    processor: Any            # Qwen2_5_VLProcessor-like (VL) or the tokenizer (text-only)
+    processor: Any  # Qwen2_5_VLProcessor-like (VL) or the tokenizer (text-only)
     tokenizer: Any
     eos_token_ids: list[int]
     pad_token_id: int
@@ -36,7 +42,7 @@ class ModelBundle:
 def resolve_path(name_or_path: str, data_cfg: Any = None) -> str:
     """Turn ``tiny:...`` into a built folder; check that a local path or hub id exists."""
     if name_or_path.startswith("tiny:"):
-        spec = name_or_path[len("tiny:"):]
+        spec = name_or_path[len("tiny:") :]
         kind, _, variant = spec.partition("-")
         if variant == "sft":
             from framework.models.warmstart import build_warmstarted
@@ -57,7 +63,9 @@ def resolve_path(name_or_path: str, data_cfg: Any = None) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        return snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        )
     except Exception as e:
         raise ModelNotFoundError(
             f"model '{name_or_path}' could not be found locally or downloaded ({type(e).__name__}: "
@@ -132,14 +140,32 @@ def load_model_bundle(path: str) -> ModelBundle:
             eos.append(i)
     eos = [e for e in eos if e is not None]
     vocab = tok.get_vocab()
-    vision = [vocab[t] for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>") if t in vocab]
+    vision = [
+        vocab[t]
+        for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+        if t in vocab
+    ]
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    return ModelBundle(path=path, is_vl=is_vl, processor=processor, tokenizer=tok, eos_token_ids=eos,
-                       pad_token_id=pad, vision_token_ids=vision)
+    return ModelBundle(
+        path=path,
+        is_vl=is_vl,
+        processor=processor,
+        tokenizer=tok,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        vision_token_ids=vision,
+    )
 
 
-def load_model(path: str, dtype: str = "float32", *, trainable: bool = True, gradient_checkpointing: bool = False,
-               freeze_vision_tower: bool = False, attn_implementation: str | None = "sdpa"):
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    *,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+    freeze_vision_tower: bool = False,
+    attn_implementation: str | None = "sdpa",
+):
     """Policy (trainable) or frozen reference (``trainable=False``: eval mode, no grads)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -148,7 +174,11 @@ def load_model(path: str, dtype: str = "float32", *, trainable: bool = True, gra
     kw = dict(dtype=DTYPES[dtype])
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    cls = AutoModelForImageTextToText if hasattr(AutoConfig.from_pretrained(path), "vision_config") else AutoModelForCausalLM
+    cls = (
+        AutoModelForImageTextToText
+        if hasattr(AutoConfig.from_pretrained(path), "vision_config")
+        else AutoModelForCausalLM
+    )
     model = cls.from_pretrained(path, **kw)
     if not trainable:
         model.eval()

@@ -7,6 +7,7 @@ signal. This builds that starting point: a short SFT on reference completions
 the model follows the format but answers only part of the held-out questions correctly,
 leaving room for RL to improve accuracy.
 """
+
 from __future__ import annotations
 
 import random
@@ -45,18 +46,31 @@ def sft_steps_default() -> int:
     return 250
 
 
-def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: int = 0, lr: float = 3e-4,
-                      batch_size: int = 32, label_noise: float = 0.0, difficulty: list | None = None, out_dir: str | Path | None = None, verbose: bool = True) -> Path:
+def build_warmstarted(
+    kind: str = "qwen2_5_vl",
+    steps: int | None = None,
+    seed: int = 0,
+    lr: float = 3e-4,
+    batch_size: int = 32,
+    label_noise: float = 0.0,
+    difficulty: list | None = None,
+    out_dir: str | Path | None = None,
+    verbose: bool = True,
+) -> Path:
     steps = steps or sft_steps_default()
-    final = Path(out_dir) if out_dir else cache_root() / f"tiny-{kind}-{TINY_VERSION}-sft{SFT_VERSION}-{steps}steps-seed{seed}"
+    final = (
+        Path(out_dir)
+        if out_dir
+        else cache_root() / f"tiny-{kind}-{TINY_VERSION}-sft{SFT_VERSION}-{steps}steps-seed{seed}"
+    )
     base = build_tiny(kind, seed=seed)
 
     def build(tmp: Path) -> None:
         from framework.data import load_data, to_record
         from framework.data.synthetic import reference_completion
+        from framework.logprobs import completion_logprobs
         from framework.models.loading import load_model, load_model_bundle
         from framework.rollout.inputs import completion_mask, encode_prompts, training_inputs
-        from framework.logprobs import completion_logprobs
 
         bundle = load_model_bundle(str(base))
         model = load_model(str(base), "float32")
@@ -73,16 +87,21 @@ def build_warmstarted(kind: str = "qwen2_5_vl", steps: int | None = None, seed: 
         it = range(steps)
         if verbose:
             from tqdm import tqdm
+
             it = tqdm(it, desc=f"warm-start SFT of tiny {kind} (cached for later runs)")
         for _ in it:
             recs = [to_record(ds[rng.randrange(len(ds))]) for _ in range(batch_size)]
-            prompts = encode_prompts(bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}"))
-            targets = [tok(_noisy(reference_completion(r), r, rng, label_noise), add_special_tokens=False)["input_ids"] + [eos]
-                       for r in recs]
+            prompts = encode_prompts(
+                bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}")
+            )
+            targets = [
+                tok(_noisy(reference_completion(r), r, rng, label_noise), add_special_tokens=False)["input_ids"] + [eos]
+                for r in recs
+            ]
             T = max(len(t) for t in targets)
             ids = torch.full((len(recs), T), bundle.pad_token_id, dtype=torch.long)
             for i, tgt in enumerate(targets):
-                ids[i, :len(tgt)] = torch.tensor(tgt)
+                ids[i, : len(tgt)] = torch.tensor(tgt)
             mask, _ = completion_mask(ids, [eos])
             kw = training_inputs(prompts.inputs, ids, mask, model)
             logp, _ = completion_logprobs(model, kw, T, with_entropy=False)

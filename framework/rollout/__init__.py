@@ -1,4 +1,5 @@
 """Rollout engines (registered in ``framework.registry.ROLLOUT_ENGINES``)."""
+
 from framework.rollout import hf  # noqa: F401  registers "hf"
 
 try:  # the vLLM engine registers itself; its import of vllm is lazy

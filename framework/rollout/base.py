@@ -8,6 +8,7 @@ completions per prompt. Engines register in ``framework.registry.ROLLOUT_ENGINES
 An engine whose ``returns_logprobs`` is True reports the sampler's log-probs with the tokens
 at no extra cost; the trainer then requests them and logs the sampler/trainer gap.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,25 +20,25 @@ import torch
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0           # 0 = off
+    top_k: int = 0  # 0 = off
     max_new_tokens: int = 64
     stop: list[str] | None = None
     return_logprobs: bool = False
-    seeds: list[int] | None = None   # one per prompt: sample each prompt's completions from its own seed
+    seeds: list[int] | None = None  # one per prompt: sample each prompt's completions from its own seed
 
 
 @dataclass
 class Generation:
-    completion_ids: torch.Tensor        # [N, T] right padded (N = len(prompts) * n, sample-major)
-    completion_mask: torch.Tensor       # [N, T] float, up to and including EOS
-    truncated: torch.Tensor             # [N] bool
+    completion_ids: torch.Tensor  # [N, T] right padded (N = len(prompts) * n, sample-major)
+    completion_mask: torch.Tensor  # [N, T] float, up to and including EOS
+    truncated: torch.Tensor  # [N] bool
     logprobs: torch.Tensor | None = None  # [N, T] sampler log-probs of the chosen tokens
     texts: list[str] | None = None
 
 
 class RolloutEngine:
     name = "base"
-    returns_logprobs = False   # True: generate() returns sampler log-probs at no extra cost
+    returns_logprobs = False  # True: generate() returns sampler log-probs at no extra cost
 
     def __init__(self, cfg, bundle, model):
         self.cfg, self.bundle, self.model = cfg, bundle, model

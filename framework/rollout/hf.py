@@ -1,5 +1,6 @@
 """The embedded default engine: transformers ``generate`` on the policy module itself, so
 its weights are always the current ones (``sync_weights`` has nothing to do)."""
+
 from __future__ import annotations
 
 import torch
@@ -24,12 +25,15 @@ class HFGenerateEngine(RolloutEngine):
         inputs = {k: v.to(dev) for k, v in expand_inputs(prompts.inputs, n, prompts.images_per_sample).items()}
         b = self.bundle
         kw = dict(
-            do_sample=sampling.temperature > 0, max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=b.eos_token_ids, pad_token_id=b.pad_token_id,
-            return_dict_in_generate=True, output_logits=sampling.return_logprobs,
+            do_sample=sampling.temperature > 0,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=b.eos_token_ids,
+            pad_token_id=b.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=sampling.return_logprobs,
             use_cache=True,
         )
-        if self._synced():   # FSDP: every forward is a collective; ranks that finish early keep stepping
+        if self._synced():  # FSDP: every forward is a collective; ranks that finish early keep stepping
             kw["synced_gpus"] = True
         if sampling.temperature > 0:
             kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
@@ -50,10 +54,10 @@ class HFGenerateEngine(RolloutEngine):
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, b.pad_token_id))
         logprobs = None
         if sampling.return_logprobs:
-            logits = torch.stack(out.logits, dim=1).float().cpu()     # raw logits [N, T, V]
+            logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits [N, T, V]
             if sampling.temperature > 0 and sampling.temperature != 1.0:
                 logits = logits / sampling.temperature
-            logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, :logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+            logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
             logprobs = logprobs * mask
         return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
 
@@ -73,9 +77,14 @@ class HFGenerateEngine(RolloutEngine):
 
         outs = []
         for i, seed in enumerate(sampling.seeds):
-            sub = replace(prompts, records=prompts.records[i:i + 1], texts=prompts.texts[i:i + 1],
-                          images=prompts.images[i:i + 1], images_per_sample=prompts.images_per_sample[i:i + 1],
-                          inputs=_strip_left_pad(select_inputs(prompts.inputs, [i], prompts.images_per_sample)))
+            sub = replace(
+                prompts,
+                records=prompts.records[i : i + 1],
+                texts=prompts.texts[i : i + 1],
+                images=prompts.images[i : i + 1],
+                images_per_sample=prompts.images_per_sample[i : i + 1],
+                inputs=_strip_left_pad(select_inputs(prompts.inputs, [i], prompts.images_per_sample)),
+            )
             rng = torch.get_rng_state()
             torch.manual_seed(seed)
             try:
@@ -96,4 +105,6 @@ def _strip_left_pad(inputs: dict) -> dict:
     """One prompt's inputs without its left padding (as if it had been encoded alone)."""
     keep = inputs["attention_mask"][0].bool()
     start = int(keep.float().argmax())
-    return {k: (v[:, start:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()}
+    return {
+        k: (v[:, start:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()
+    }

@@ -7,6 +7,7 @@ Pitfalls handled here (see shared/specs/environment.md):
 * ``pixel_values`` are concatenated patch rows of all images: expanding a prompt to G
   samples repeats each image's own chunk (split by ``image_grid_thw.prod(-1)``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from framework.data.schema import IMAGE_PLACEHOLDER
 @dataclass
 class PromptBatch:
     records: list[dict]
-    texts: list[str]                  # chat-formatted prompt text (one per record)
-    images: list[list[Any]]           # PIL images per record
-    inputs: dict[str, torch.Tensor]   # input_ids/attention_mask (left padded), pixel_values, image_grid_thw, mm_token_type_ids
+    texts: list[str]  # chat-formatted prompt text (one per record)
+    images: list[list[Any]]  # PIL images per record
+    inputs: dict[
+        str, torch.Tensor
+    ]  # input_ids/attention_mask (left padded), pixel_values, image_grid_thw, mm_token_type_ids
     images_per_sample: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -57,8 +60,9 @@ def prompt_text(bundle, record: dict, system_prompt: str | None, question_templa
     return bundle.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(bundle, records: list[dict], system_prompt: str | None = None,
-                   question_template: str = "{question}") -> PromptBatch:
+def encode_prompts(
+    bundle, records: list[dict], system_prompt: str | None = None, question_template: str = "{question}"
+) -> PromptBatch:
     texts = [prompt_text(bundle, r, system_prompt, question_template) for r in records]
     images = [list(r.get("images") or []) for r in records] if bundle.is_vl else [[] for _ in records]
     flat = [im.convert("RGB") for ims in images for im in ims]
@@ -74,8 +78,9 @@ def encode_prompts(bundle, records: list[dict], system_prompt: str | None = None
             inputs["pixel_values"] = enc["pixel_values"]
             inputs["image_grid_thw"] = enc["image_grid_thw"]
             check_placeholders(inputs, [len(i) for i in images], image_id, bundle.processor)
-    return PromptBatch(records=records, texts=texts, images=images, inputs=inputs,
-                       images_per_sample=[len(i) for i in images])
+    return PromptBatch(
+        records=records, texts=texts, images=images, inputs=inputs, images_per_sample=[len(i) for i in images]
+    )
 
 
 def check_placeholders(inputs: dict, images_per_sample: list[int], image_token_id: int, processor) -> None:
@@ -85,7 +90,7 @@ def check_placeholders(inputs: dict, images_per_sample: list[int], image_token_i
     counts = (inputs["input_ids"] == image_token_id).sum(-1).tolist()
     k = 0
     for i, n in enumerate(images_per_sample):
-        want = sum(per_image[k:k + n])
+        want = sum(per_image[k : k + n])
         k += n
         if counts[i] != want:
             raise ValueError(f"sample {i}: {counts[i]} image placeholder tokens but its {n} image(s) need {want}")
@@ -108,8 +113,8 @@ def expand_inputs(inputs: dict[str, torch.Tensor], n: int, images_per_sample: li
         chunks = list(torch.split(inputs["pixel_values"], rows_per_image, dim=0))
         pv, gr, k = [], [], 0
         for cnt in ips:
-            sample_pv = chunks[k:k + cnt]
-            sample_grid = grid[k:k + cnt]
+            sample_pv = chunks[k : k + cnt]
+            sample_grid = grid[k : k + cnt]
             k += cnt
             for _ in range(n):
                 pv.extend(sample_pv)
@@ -134,7 +139,7 @@ def select_inputs(inputs: dict[str, torch.Tensor], idx: list[int], images_per_sa
         for i in idx:
             for j in range(starts[i], starts[i + 1]):
                 pv.append(chunks[j])
-                gr.append(grid[j:j + 1])
+                gr.append(grid[j : j + 1])
         if gr:
             out["pixel_values"] = torch.cat(pv, 0)
             out["image_grid_thw"] = torch.cat(gr, 0)
@@ -148,14 +153,15 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     for e in eos_ids:
         is_eos |= completion_ids == e
     has_eos = is_eos.any(-1)
-    first = torch.where(has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long)
+    )
     pos = torch.arange(completion_ids.shape[1]).unsqueeze(0)
     mask = (pos <= first.unsqueeze(1)) & (pos < completion_ids.shape[1])
     return mask.float(), ~has_eos
 
 
-def training_inputs(prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                    model) -> dict:
+def training_inputs(prompt_inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor, model) -> dict:
     """Model kwargs for the forward over prompt + completion, with explicit position ids
     computed the way generation computes them (3D rope index for Qwen-VL with images)."""
     ids = torch.cat([prompt_inputs["input_ids"], completion_ids.to(prompt_inputs["input_ids"].device)], dim=1)

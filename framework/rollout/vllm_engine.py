@@ -28,6 +28,7 @@ words), i.e. exactly the distribution the tokens were drawn from. With ``top_p=1
 they equal the trainer's ``completion_logprobs(..., temperature=T)`` up to numerics (VL
 models: plus log(1 - p(vision tokens)), since those are masked at sampling time).
 """
+
 from __future__ import annotations
 
 import os
@@ -62,15 +63,17 @@ def import_vllm():
     try:
         import vllm
     except Exception as e:  # noqa: BLE001
-        raise ImportError(INSTALL_HINT.format(why=f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")) from e
+        raise ImportError(
+            INSTALL_HINT.format(why=f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        ) from e
     return vllm
 
 
 # --------------------------------------------------------------------------- prompt building
 @dataclass
 class EnginePrompt:
-    request: dict[str, Any]            # what LLM.generate gets: prompt_token_ids (+ multi_modal_data)
-    trainer_ids: list[int]             # the trainer's prompt ids of this sample, padding removed
+    request: dict[str, Any]  # what LLM.generate gets: prompt_token_ids (+ multi_modal_data)
+    trainer_ids: list[int]  # the trainer's prompt ids of this sample, padding removed
     image_tokens: list[int] = field(default_factory=list)  # placeholder tokens per image (trainer side)
 
 
@@ -91,7 +94,7 @@ def tokens_per_image(prompts: PromptBatch, bundle) -> list[int]:
 def collapse_placeholders(ids: list[int], token: int, per_image: list[int], sample: int = 0) -> list[int]:
     """Replace each run of ``token`` (one run per image, as the processor expands them) by a
     single ``token``, checking that run k has exactly ``per_image[k]`` tokens."""
-    runs: list[tuple[int, int]] = []   # (start, length)
+    runs: list[tuple[int, int]] = []  # (start, length)
     i = 0
     while i < len(ids):
         if ids[i] == token:
@@ -107,7 +110,8 @@ def collapse_placeholders(ids: list[int], token: int, per_image: list[int], samp
         raise ValueError(
             f"sample {sample}: the trainer's prompt has {total} image placeholder tokens in "
             f"{len(runs)} run(s) {[n for _, n in runs]}, but its {len(per_image)} image(s) need "
-            f"{list(per_image)} (sum {sum(per_image)}): prompt and images disagree")
+            f"{list(per_image)} (sum {sum(per_image)}): prompt and images disagree"
+        )
     out: list[int] = []
     prev = 0
     for start, n in runs:
@@ -130,11 +134,13 @@ def build_engine_prompts(prompts: PromptBatch, bundle) -> list[EnginePrompt]:
     for i in range(ids.shape[0]):
         row = ids[i][att[i].bool()].tolist()
         n_img = ips[i] if i < len(ips) else 0
-        need = per_image[k:k + n_img]
+        need = per_image[k : k + n_img]
         k += n_img
         if tok is not None and n_img:
-            request = {"prompt_token_ids": collapse_placeholders(row, tok, need, sample=i),
-                       "multi_modal_data": {"image": [im.convert("RGB") for im in prompts.images[i]]}}
+            request = {
+                "prompt_token_ids": collapse_placeholders(row, tok, need, sample=i),
+                "multi_modal_data": {"image": [im.convert("RGB") for im in prompts.images[i]]},
+            }
         else:
             if tok is not None and tok in row:
                 raise ValueError(f"sample {i}: image placeholder tokens in a prompt without images")
@@ -155,11 +161,15 @@ def check_engine_prompt(sample: int, trainer_ids: list[int], engine_ids: list[in
             raise ValueError(
                 f"sample {sample}: the engine's prompt has {b} image placeholder tokens, the trainer's "
                 f"has {a}: vLLM's image processor and the trainer's disagree (image size limits / "
-                "mm_processor_kwargs?)")
-    first = next((j for j, (x, y) in enumerate(zip(trainer_ids, engine_ids)) if x != y), min(len(trainer_ids), len(engine_ids)))
+                "mm_processor_kwargs?)"
+            )
+    first = next(
+        (j for j, (x, y) in enumerate(zip(trainer_ids, engine_ids)) if x != y), min(len(trainer_ids), len(engine_ids))
+    )
     raise ValueError(
         f"sample {sample}: the engine's prompt differs from the trainer's at token {first} "
-        f"(lengths {len(engine_ids)} vs {len(trainer_ids)}): the engine must run the trainer's token ids")
+        f"(lengths {len(engine_ids)} vs {len(trainer_ids)}): the engine must run the trainer's token ids"
+    )
 
 
 # --------------------------------------------------------------------------- worker-side code
@@ -208,8 +218,8 @@ class VLLMEngine(RolloutEngine):
     ``enforce_eager``, ``sleep``, ``dtype`` (default: the policy's)."""
 
     name = "vllm"
-    returns_logprobs = True   # the sampler's log-probs come with the tokens at no extra cost
-    sleep_level = 2           # weights are re-pushed after every update: nothing to keep
+    returns_logprobs = True  # the sampler's log-probs come with the tokens at no extra cost
+    sleep_level = 2  # weights are re-pushed after every update: nothing to keep
 
     @classmethod
     def check_available(cls) -> None:
@@ -222,12 +232,14 @@ class VLLMEngine(RolloutEngine):
         # VL models: never sample a vision token (it would crash the training forward). Text-only
         # models have the tokens in their vocabulary but no vision path: nothing to protect, and
         # masking them would make the sampler's log-probs differ from the trainer's.
-        self._bad_words = [bundle.tokenizer.convert_ids_to_tokens(i) for i in bundle.vision_token_ids] if bundle.is_vl else []
+        self._bad_words = (
+            [bundle.tokenizer.convert_ids_to_tokens(i) for i in bundle.vision_token_ids] if bundle.is_vl else []
+        )
         self._asleep = False
         self._awake_tags: set[str] = {"weights", "kv_cache"}
         self.sync_count, self.last_sync_s = 0, 0.0
         self.llm = llm if llm is not None else self._build_llm(model)
-        self.sync_weights(model)   # the policy may differ from the weights on disk (resume, warm-start)
+        self.sync_weights(model)  # the policy may differ from the weights on disk (resume, warm-start)
 
     # ------------------------------------------------------------------ construction
     def llm_kwargs(self, model) -> dict[str, Any]:
@@ -237,20 +249,34 @@ class VLLMEngine(RolloutEngine):
         model_max = _model_max_len(self.bundle.path)
         if model_max and max_len > model_max:
             max_len = model_max
-        seed = int(torch.initial_seed() % (2**31))   # the run's seed (seed_everything)
+        seed = int(torch.initial_seed() % (2**31))  # the run's seed (seed_everything)
         kw: dict[str, Any] = dict(
-            model=self.bundle.path, tokenizer=self.bundle.path, dtype=dtype, seed=seed,
-            gpu_memory_utilization=c.gpu_memory_utilization, tensor_parallel_size=c.tensor_parallel_size,
-            max_model_len=max_len, enforce_eager=c.enforce_eager, enable_sleep_mode=bool(c.sleep),
-            logprobs_mode="processed_logprobs", generation_config="vllm", enable_prefix_caching=True,
+            model=self.bundle.path,
+            tokenizer=self.bundle.path,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            tensor_parallel_size=c.tensor_parallel_size,
+            max_model_len=max_len,
+            enforce_eager=c.enforce_eager,
+            enable_sleep_mode=bool(c.sleep),
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+            enable_prefix_caching=True,
         )
         if self.bundle.is_vl:
             kw["limit_mm_per_prompt"] = {"image": MAX_IMAGES_PER_PROMPT, "video": 0}
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             # one engine per training rank, on the rank's own device, in the rank's own process
             if c.tensor_parallel_size != 1:
-                raise NotImplementedError("rollout.tensor_parallel_size > 1 together with several training ranks "
-                                          "is not supported yet: use tensor_parallel_size=1 (one engine per rank)")
+                raise NotImplementedError(
+                    "rollout.tensor_parallel_size > 1 together with several training ranks "
+                    "is not supported yet: use tensor_parallel_size=1 (one engine per rank)"
+                )
             kw["distributed_executor_backend"] = "external_launcher"
             # vLLM's external launcher joins the trainer's process group through the torchrun
             # variables; Lightning's own launcher does not set all of them
@@ -264,13 +290,18 @@ class VLLMEngine(RolloutEngine):
         vllm = import_vllm()
         mp = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if mp != "0":
-            raise RuntimeError("the vLLM engine runs inside the training process (weights are pushed in place): "
-                               f"VLLM_ENABLE_V1_MULTIPROCESSING={mp} is set; unset it or set it to 0")
+            raise RuntimeError(
+                "the vLLM engine runs inside the training process (weights are pushed in place): "
+                f"VLLM_ENABLE_V1_MULTIPROCESSING={mp} is set; unset it or set it to 0"
+            )
         if self.cfg.sleep:
             from vllm.platforms import current_platform
+
             if not current_platform.is_sleep_mode_available():
-                raise RuntimeError(f"rollout.sleep=true: vLLM's sleep mode is not available on this platform "
-                                   f"({current_platform.device_type}); set rollout.sleep=false")
+                raise RuntimeError(
+                    f"rollout.sleep=true: vLLM's sleep mode is not available on this platform "
+                    f"({current_platform.device_type}); set rollout.sleep=false"
+                )
         # vLLM's CPU worker lowers torch's thread count and disables torch.set_num_threads for
         # the whole process; the trainer shares this process, so both are restored.
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
@@ -288,12 +319,15 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams as VSP
 
         kw: dict[str, Any] = dict(
-            n=n, max_tokens=s.max_new_tokens, stop_token_ids=list(self.bundle.eos_token_ids),
-            logprobs=0 if s.return_logprobs else None, detokenize=bool(s.stop),
+            n=n,
+            max_tokens=s.max_new_tokens,
+            stop_token_ids=list(self.bundle.eos_token_ids),
+            logprobs=0 if s.return_logprobs else None,
+            detokenize=bool(s.stop),
         )
         if s.stop:
             kw["stop"] = list(s.stop)
-        if self._bad_words:   # a sampled vision token would crash the training forward
+        if self._bad_words:  # a sampled vision token would crash the training forward
             kw["bad_words"] = list(self._bad_words)
         if s.temperature > 0:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else 0)
@@ -307,8 +341,8 @@ class VLLMEngine(RolloutEngine):
             self.wake()
         reqs = build_engine_prompts(prompts, self.bundle)
         greedy = sampling.temperature <= 0
-        sp = self.sampling_params(1 if greedy else n, sampling)   # vLLM: greedy needs n=1 (copies below)
-        if sampling.seeds is not None:   # prompt i's completions come from seeds[i], seeds[i]+1, ...
+        sp = self.sampling_params(1 if greedy else n, sampling)  # vLLM: greedy needs n=1 (copies below)
+        if sampling.seeds is not None:  # prompt i's completions come from seeds[i], seeds[i]+1, ...
             if len(sampling.seeds) != len(reqs):
                 raise ValueError(f"{len(sampling.seeds)} seeds for {len(reqs)} prompts")
             sp = [sp.clone() for _ in reqs]
@@ -333,14 +367,14 @@ class VLLMEngine(RolloutEngine):
         T = max(1, max((len(r) for r in rows), default=1))
         ids = torch.full((len(rows), T), b.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask, truncated = completion_mask(ids, b.eos_token_ids)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, b.pad_token_id))
         logprobs = None
         if sampling.return_logprobs:
             logprobs = torch.zeros(len(rows), T)
             for i, lp in enumerate(lps):
-                logprobs[i, :len(lp)] = torch.tensor(lp)
+                logprobs[i, : len(lp)] = torch.tensor(lp)
             logprobs = logprobs * mask
         return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
 
@@ -403,7 +437,8 @@ class VLLMEngine(RolloutEngine):
             if engine is not None and hasattr(engine, "engine_core") and hasattr(engine.engine_core, "shutdown"):
                 engine.engine_core.shutdown()
         except Exception as e:  # noqa: BLE001 - best effort at the end of a run
-            warnings.warn(f"vLLM shutdown: {type(e).__name__}: {e}")
+            warnings.warn(f"vLLM shutdown: {type(e).__name__}: {e}", stacklevel=2)
         del llm
         import gc
+
         gc.collect()
