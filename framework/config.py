@@ -30,14 +30,23 @@ def _positive(key: str, value, *, zero_ok: bool = False) -> None:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny:qwen2_5_vl-sft"
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of the forward/backward passes (and the reference model)
+    # dtype of the trained weights and the optimizer state. float32 with dtype=bfloat16 is bf16
+    # mixed precision with fp32 master weights; master_dtype=bfloat16 is pure bf16 training (a
+    # memory trade: small updates are lost to bf16 rounding at the papers' learning rates)
+    master_dtype: str = "float32"
+    export_dtype: Optional[str] = None  # dtype of the policy/ export in checkpoints (null: model.dtype)
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
     attn_implementation: Optional[str] = "sdpa"
     lr: float = 1e-6  # recommended learning rate for this model (optim.lr defaults to it)
 
     def validate(self, p: str) -> None:
-        _choice(f"{p}.dtype", self.dtype, {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"})
+        dtypes = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
+        _choice(f"{p}.dtype", self.dtype, dtypes)
+        _choice(f"{p}.master_dtype", self.master_dtype, dtypes)
+        if self.export_dtype is not None:
+            _choice(f"{p}.export_dtype", self.export_dtype, dtypes)
         _positive(f"{p}.lr", self.lr)
 
 
