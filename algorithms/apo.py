@@ -14,7 +14,6 @@ from .grpo import GRPO, AlgorithmConfig
 
 STCR_LENGTH_UNITS = ("tokens", "chars")
 # with stcr.length_unit=chars the rollout must carry the completion texts (list[str], N)
-COMPLETION_TEXTS_KEY = "completion_texts"
 
 
 @dataclass
@@ -54,11 +53,9 @@ class APO(GRPO):
         """|o_i| [N] in ``stcr.length_unit``."""
         if self.cfg.stcr.length_unit == "tokens":
             return rollout.lengths
-        texts = rollout.extras.get(COMPLETION_TEXTS_KEY)
-        if texts is None or len(texts) != rollout.rewards.shape[0]:
-            raise ValueError(
-                f"stcr.length_unit=chars needs rollout.extras['{COMPLETION_TEXTS_KEY}'] (one string per completion)"
-            )
+        texts = rollout.texts
+        if len(texts) != rollout.rewards.shape[0]:
+            raise ValueError("stcr.length_unit=chars needs rollout.texts (one decoded string per completion)")
         return torch.tensor([float(len(t)) for t in texts], dtype=torch.float64)
 
     def shape_advantages(self, rollout, advantages, metrics):

@@ -1,4 +1,4 @@
-"""Schedules of a scalar (the KL weight beta) over optimizer steps s in [0, T].
+"""Schedules of a scalar (the KL weight beta, the learning rate) over optimizer steps s in [0, T].
 
 Each schedule is a pure function ``f(step, total_steps, **params) -> float``; ``SCHEDULES``
 maps a name to ``(function, parameter names)``; ``make_schedule(cfg)`` binds the parameters
@@ -110,3 +110,24 @@ def make_schedule(cfg: Any, coef: float | None = None) -> Callable[[float, float
 def schedule_peak(cfg: Any, coef: float | None = None) -> float:
     """Largest value the schedule takes over s in [0, T]."""
     return make_schedule(cfg, coef).peak  # type: ignore[attr-defined]
+
+
+def lr_multiplier(name: str, total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step s (for ``LambdaLR``): linear
+    warm-up (s + 1) / W over the first W = ``warmup_steps`` steps, then schedule ``name`` over
+    the remaining T - W steps from 1 to ``min_ratio``:
+
+        constant: 1;  linear: 1 + (min_ratio - 1) * p;  cosine: min_ratio + (1 - min_ratio) * (1 + cos(pi p)) / 2
+
+    with p = (s - W) / max(1, T - W) clamped to [0, 1]."""
+    if name == "constant":
+        after = make_schedule({"name": "constant"}, coef=1.0)
+    else:
+        after = make_schedule({"name": name, "start": 1.0, "end": float(min_ratio)})
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return after(step - warmup_steps, max(1, total_steps - warmup_steps))
+
+    return f

@@ -15,17 +15,19 @@ checkpoint``), which resumes on any number of devices; every checkpoint also hol
 policy gathered into Hugging Face format (``policy/``).
 
 Collectives: under FSDP every forward pass is a collective, so every rank makes the same
-number of forward passes (``RLModule._collective_micro_batches``, ``synced_gpus`` in
+number of forward passes (:meth:`GradientSync.micro_batches` pads, ``synced_gpus`` in
 generation, padding batches in ``Evaluator.run``).
 
-Gradients: DDP's per-backward all-reduce is switched off inside an RL step and the module
-sums gradients once before the optimizer step; FSDP reduce-scatters (averages) on every
-backward, so the module scales each loss by the world size. Both give the gradient of the
-global-batch loss (the loss uses global token/sequence counts).
+Gradients (:class:`GradientSync`, chosen once at setup by :func:`make_gradient_sync`): DDP's
+per-backward all-reduce is switched off inside an RL step and the gradients are summed once
+before the optimizer step; FSDP reduce-scatters (averages) on every backward, so each loss is
+scaled by the world size. Both give the gradient of the global-batch loss (the loss uses
+global token/sequence counts, :meth:`GradientSync.normalizer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Any
 
@@ -182,3 +184,102 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t.tolist()
+
+
+# ----------------------------------------------------------------------------- gradient sync
+class GradientSync:
+    """How the gradients of one RL step's many backward passes become the gradient of the
+    global-batch loss. One process: nothing to do. Chosen once at setup
+    (:func:`make_gradient_sync`); the update loop (framework/update.py) calls, per mini-batch:
+    ``normalizer`` (global denominators) -> ``micro_batches`` -> per micro-batch
+    ``any_rank`` (agree on skipping) and ``no_sync()`` around ``backward(loss * grad_scale)``
+    -> ``reduce(params)`` before clipping and the optimizer step."""
+
+    world_size = 1
+    grad_scale = 1.0  # factor on each backward's loss
+    collective = False  # every forward (and generation) is a collective over ranks (FSDP)
+
+    def normalizer(self, norm):
+        """Denominators summed over all ranks, so that the rank losses add up to the loss of the
+        global batch (token_mean divides by the token count of all ranks and micro-batches)."""
+        from framework.types import LossNormalizer
+
+        n_seq, n_tok = all_reduce([norm.num_sequences, norm.num_tokens], "sum")
+        return LossNormalizer(num_sequences=n_seq, num_tokens=n_tok, max_len=norm.max_len)
+
+    def micro_batches(self, n: int, size: int) -> list[tuple[list[int], bool]]:
+        """``(rows, real)`` micro-batches of ``size`` rows out of ``n``; ``real=False`` marks a
+        padding pass (only under FSDP)."""
+        return [(list(range(i, min(n, i + size))), True) for i in range(0, n, size)]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (all ranks skip together)."""
+        return bool(all_reduce([float(flag)], "max")[0])
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, params: list[torch.nn.Parameter]) -> None:
+        """Make each parameter's gradient the global one (before clipping)."""
+
+
+class DDPGradientSync(GradientSync):
+    """Lightning's DDP: local gradients accumulate without DDP's per-backward all-reduce (an RL
+    step makes many backward passes inside one training_step) and are summed once."""
+
+    def __init__(self, strategy, world_size: int):
+        self.strategy, self.world_size = strategy, world_size
+
+    def no_sync(self):
+        wrapped = self.strategy.model  # the DistributedDataParallel wrapper Lightning made
+        return wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+
+    def reduce(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum over ranks. Each rank's loss already uses the global denominators, so the sum is
+        the gradient of the global-batch loss. One flat all-reduce, not one per parameter."""
+        import torch.distributed as dist
+
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        off = 0
+        for p in params:
+            p.grad.copy_(flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
+
+
+class FSDPGradientSync(GradientSync):
+    """FSDP2 with more than one rank: gradients are reduce-scattered (averaged) on every
+    backward, so each loss is scaled by the world size (the average is then the sum of the
+    rank losses' gradients); every forward is a collective, so ranks with fewer micro-batches
+    (uneven ``filter_groups`` refills) add padding passes."""
+
+    collective = True
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.grad_scale = float(world_size)
+
+    def micro_batches(self, n: int, size: int) -> list[tuple[list[int], bool]]:
+        batches = super().micro_batches(n, size)
+        most = int(all_reduce([float(len(batches))], "max")[0])
+        return batches + [(batches[0][0], False)] * (most - len(batches))
+
+
+def make_gradient_sync(trainer) -> GradientSync:
+    """The gradient strategy of ``trainer``'s Lightning strategy (one process: the base)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    ws = trainer.world_size if trainer is not None else 1
+    if ws <= 1:
+        return GradientSync()
+    if uses_fsdp(trainer):
+        return FSDPGradientSync(ws)
+    if isinstance(trainer.strategy, DDPStrategy):
+        return DDPGradientSync(trainer.strategy, ws)
+    raise NotImplementedError(
+        f"strategy {type(trainer.strategy).__name__} with {ws} processes: use trainer=ddp or trainer=fsdp"
+    )

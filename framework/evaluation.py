@@ -173,14 +173,15 @@ class Evaluator:
             return
         texts_s = self._texts(gen_s)
         recs_s = [r for r in records for _ in range(s.n)]
-        correct_s = torch.tensor(self.rewards(texts_s, recs_s)[2], dtype=torch.float32).view(len(records), s.n)
+        correct_s = torch.tensor(self.rewards(texts_s, recs_s).correct, dtype=torch.float32).view(len(records), s.n)
         m["accuracy_sampled"].update(correct_s.flatten())
         c = correct_s.sum(1).round().long().tolist()
         m["pass@k"].update(torch.tensor([pass_at_k(s.n, ci, s.pass_k) for ci in c], dtype=torch.float32))
         # greedy: one per prompt -> accuracy, format, lengths (all / correct / incorrect)
         gen_g = self.engine.generate(prompts, 1, s.greedy)
         texts_g = self._texts(gen_g)
-        _, comps, correct, _ = self.rewards(texts_g, records)
+        scores = self.rewards(texts_g, records)
+        comps, correct = scores.components, scores.correct
         correct_g = torch.tensor(correct, dtype=torch.float32)
         lengths = gen_g.completion_mask.float().sum(-1).cpu()
         m["accuracy"].update(correct_g)

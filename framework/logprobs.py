@@ -9,8 +9,14 @@ the forward and in the backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from framework.types import Rollout
 
 
 def _chunk_logp_entropy(
@@ -81,3 +87,41 @@ def completion_logprobs_unsharded(
     logp = torch.cat(outs_lp).view(N, T).clone()  # not a view: FSDP hooks the output for its backward
     ent = torch.cat(outs_ent).view(N, T) if with_entropy else None
     return logp, ent
+
+
+@dataclass
+class RolloutLogProbs:
+    """Per-token log-probs of a rollout's completions under a model, through the one
+    processing path the engines use (:func:`framework.rollout.inputs.training_inputs`)."""
+
+    temperature: float  # the sampling temperature: log-probs of the distribution that sampled
+    chunk_size: int  # tokens per LM-head chunk
+    device: Any
+
+    def __call__(self, model, mb: Rollout, with_entropy: bool = False):
+        """logp [n, T] (and entropy [n, T] when asked) of micro-batch ``mb``, on the device."""
+        from framework.rollout.inputs import training_inputs
+
+        dev = self.device
+        pin = {k: v.to(dev) for k, v in mb.prompt_inputs.items()}
+        kw = training_inputs(pin, mb.completion_ids.to(dev), mb.completion_mask.to(dev), model)
+        return completion_logprobs(
+            model,
+            kw,
+            mb.completion_ids.shape[1],
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def no_grad(self, model, rollout: Rollout, micro_batches) -> torch.Tensor:
+        """[N, T] masked log-probs on the CPU, micro-batch by micro-batch (``micro_batches``:
+        ``(rows, real)`` pairs; padding passes only join the collectives)."""
+        out = torch.zeros_like(rollout.completion_mask)
+        for rows, real in micro_batches:
+            mb = rollout.select(rows)
+            lp, _ = self(model, mb)
+            if real:
+                out[rows] = lp.float().cpu() * mb.completion_mask
+        return out

@@ -231,9 +231,9 @@ def train(cfg: DictConfig) -> RunResult:
         data_cfg=data_cfg,
         eval_records=eval_records,
         extra_prompts=extra_prompts(),
+        batch_sampler=sampler,
         seed=int(cfg.seed),
     )
-    module.batch_sampler = sampler
 
     ckpt_cb = RLCheckpoint(out / "checkpoints", every=t.save_every, bundle=bundle)
     trainer = L.Trainer(

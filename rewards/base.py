@@ -170,6 +170,18 @@ def build_reward(name: str, params: Mapping[str, Any] | None = None) -> Reward:
     return obj
 
 
+@dataclass
+class RewardScores:
+    """What a :class:`RewardSet` gives for a batch, one entry per completion in each list:
+    ``total`` the weighted sum, ``components`` each plugin's raw score, ``correct`` 1/0 from the
+    correctness plugin alone, ``metrics`` per-plugin means, failures and timeouts."""
+
+    total: list[float]
+    components: dict[str, list[float]]
+    correct: list[float]
+    metrics: dict[str, float]
+
+
 class RewardSet:
     """The configured reward plugins, their weights and the correctness plugin.
 
@@ -217,8 +229,8 @@ class RewardSet:
             raise ValueError("the reward config needs 'components: {name: {weight: ...}}'")
         return cls(cfg["components"], correctness=cfg.get("correctness", "accuracy"))
 
-    def __call__(self, completions: Sequence[str], records: Sequence[dict]):
-        """Returns ``(total, components, correct, metrics)``; lists have one entry per completion."""
+    def __call__(self, completions: Sequence[str], records: Sequence[dict]) -> RewardScores:
+        """Score every completion with every plugin (see :class:`RewardScores`)."""
         _check_lengths(completions, records)
         n = len(completions)
         total = [0.0] * n
@@ -263,7 +275,7 @@ class RewardSet:
                 metrics[f"rewards/{name}/{k}"] = float(v)
         correct = [1.0 if s >= CORRECT_THRESHOLD else 0.0 for s in components[self.correctness]]
         metrics["rewards/total/mean"] = sum(total) / n if n else 0.0
-        return total, components, correct, metrics
+        return RewardScores(total=total, components=components, correct=correct, metrics=metrics)
 
     def close(self) -> None:
         for r in getattr(self, "rewards", {}).values():

@@ -378,7 +378,8 @@ def test_rewardset_weighted_total_and_correctness():
         }
     )
     comps = [C("3"), "<answer>3</answer>", C("4"), "3"]
-    total, parts, correct, metrics = rs(comps, [{"answer": "3"}] * 4)
+    s = rs(comps, [{"answer": "3"}] * 4)
+    total, parts, correct, metrics = s.total, s.components, s.correct, s.metrics
     assert parts["accuracy"] == [1.0, 1.0, 0.0, 0.0]
     assert parts["format"] == [1.0, 0.0, 1.0, 0.0]
     assert total == [1.5, 1.0, 0.5, 0.0]
@@ -392,10 +393,12 @@ def test_rewardset_weighted_total_and_correctness():
 
 def test_rewardset_correctness_plugin_with_zero_weight():
     rs = RewardSet({"format": {"weight": 1.0}, "accuracy": {"weight": 0.0, "workers": 0}})
-    total, parts, correct, _ = rs([C("3"), C("4")], [{"answer": "3"}] * 2)
+    s = rs([C("3"), C("4")], [{"answer": "3"}] * 2)
+    total, correct = s.total, s.correct
     assert total == [1.0, 1.0] and correct == [1.0, 0.0]
     rs2 = RewardSet({"format": {"weight": 1.0}}, correctness="numeric")  # added, weight 0
-    total, parts, correct, _ = rs2([C("3"), C("4")], [{"answer": "3"}] * 2)
+    s = rs2([C("3"), C("4")], [{"answer": "3"}] * 2)
+    total, correct = s.total, s.correct
     assert total == [1.0, 1.0] and correct == [1.0, 0.0] and rs2.weights["numeric"] == 0.0
 
 
@@ -404,7 +407,8 @@ def test_rewardset_failing_plugins_do_not_crash(test_plugins):
         {"_test_boom": {"weight": 2.0}, "_test_broken": {"weight": 1.0}, "format": {"weight": 1.0}},
         correctness="format",
     )
-    total, parts, correct, metrics = rs([C("ok"), C("boom")], [{"answer": "1"}] * 2)
+    s = rs([C("ok"), C("boom")], [{"answer": "1"}] * 2)
+    total, parts, metrics = s.total, s.components, s.metrics
     assert parts["_test_boom"] == [0.25, 0.0] and parts["_test_broken"] == [0.0, 0.0]
     assert total == [1.5, 1.0]
     assert metrics["rewards/_test_boom/failures"] == 1
