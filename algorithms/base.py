@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from framework.errors import ConfigError
 from framework.registry import ALGORITHMS
 from framework.types import LossNormalizer, Rollout
 
@@ -109,7 +110,7 @@ class AlgorithmConfig:
 
 
 def invalid_value(key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid value algorithm.{key}={value!r}; allowed: {allowed}")
+    raise ConfigError(f"invalid value algorithm.{key}={value!r}; allowed: {allowed}")
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -230,11 +231,11 @@ class Algorithm:
         mean of the estimator), clip_ratio, clip_ratio/low, clip_ratio/high (token fractions).
         """
         if mb.advantages is None or mb.kl_coef is None:
-            raise ValueError("Rollout has no advantages/kl_coef: call Algorithm.prepare first")
+            raise ConfigError("Rollout has no advantages/kl_coef: call Algorithm.prepare first")
         mask = mb.completion_mask
         if mb.logp_old is None:
             if self.ppo_epochs > 1:
-                raise ValueError("ppo_epochs > 1 needs rollout.logp_old (needs_old_logprobs)")
+                raise ConfigError("ppo_epochs > 1 needs rollout.logp_old (needs_old_logprobs)")
             logp_old = logp.detach()
         else:
             logp_old = mb.logp_old
@@ -250,7 +251,7 @@ class Algorithm:
             kl_mean = token_sum_mean(k.detach(), mask, norm)
         else:
             if bool((kl_coef != 0).any()):
-                raise ValueError("kl_coef > 0 but rollout.logp_ref is None (needs_reference)")
+                raise ConfigError("kl_coef > 0 but rollout.logp_ref is None (needs_reference)")
             kl_loss = kl_mean = logp.new_zeros(())
         loss = policy_loss + kl_loss
         m = mask.to(logp.dtype)
@@ -289,21 +290,21 @@ def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg or {})
     if not cfg.get("name"):
-        raise ValueError("algorithm.name is required; registered: " + ", ".join(ALGORITHMS.names()))
+        raise ConfigError("algorithm.name is required; registered: " + ", ".join(ALGORITHMS.names()))
     cls = ALGORITHMS.get(cfg["name"])
     schema = OmegaConf.structured(cls.Config)
     try:
         merged = OmegaConf.merge(schema, cfg)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise ValueError(
+        raise ConfigError(
             f"unknown key 'algorithm.{key}' for algorithm '{cfg['name']}'; allowed keys: "
             f"{', '.join(_node_keys(schema, key))}"
         ) from e
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"invalid value for 'algorithm.{key}': {msg}") from e
+        raise ConfigError(f"invalid value for 'algorithm.{key}': {msg}") from e
     obj = OmegaConf.to_object(merged)
     obj.validate()
     return cls(obj, total_steps)

@@ -6,7 +6,8 @@ its step folder, or any Hugging Face model folder / hub id / built-in ``tiny:…
 geometry3k, geoqa, superclevr, synthetic, ...). The metrics are those the trainer logs as
 ``eval/*`` (framework/evaluation.py): greedy accuracy, format rate, mean length (all /
 correct / incorrect), sampled accuracy and pass@k (``pass_k``, ``num_samples``). They are
-printed as JSON and written to ``output`` (default ``<run dir>/metrics.json``).
+printed as JSON and written to ``output`` (default ``<run dir>/metrics.json``). Progress and
+skipped records are logged to stderr, so that stdout is the JSON alone.
 
 Examples::
 
@@ -19,8 +20,8 @@ Examples::
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from framework.errors import ConfigError
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-USER_ERRORS = ("ConfigError", "UnknownNameError", "ModelNotFoundError", "DataError", "ImportError")
+log = logging.getLogger("benchmarks.evaluate")  # not __name__: that is "__main__" under python -m
 
 
 def resolve_checkpoint(checkpoint: Any) -> str:
     """A model folder (or hub id / tiny:…) from a checkpoint path as training writes it."""
-    from framework.config import ConfigError
     from framework.models.loading import resolve_path
 
     if checkpoint is None or str(checkpoint) in ("", "???"):
@@ -55,13 +57,16 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"device={name!r} is not a device; set device=auto, cpu, cuda or cuda:<index>") from e
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
-    from framework.config import ConfigError, ModelConfig, RolloutConfig, check_section
+    from framework.config import ModelConfig, RolloutConfig, check_section
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
     from framework.evaluation import Evaluator
@@ -105,9 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
             on_invalid=data_cfg.get("on_invalid", "skip"),
             split=split,
-        )
-        if report.problems:
-            print(report.summary(), file=sys.stderr)
+        )  # skipped records are logged (a warning with the summary)
         records = [to_record(checked[i]) for i in range(len(checked))]
 
         engine = engine_cls(rollout, bundle, model)
@@ -126,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             metrics = ev.run(
                 records,
                 keep_details=bool(cfg.save_predictions),
-                progress=lambda done, total: print(f"evaluated {done}/{total}", file=sys.stderr),
+                progress=lambda done, total: log.info("evaluated %d/%d", done, total),
             )
             t2 = time.perf_counter()
         finally:
@@ -170,17 +173,12 @@ def _run_dir() -> str:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    from framework.run import setup_console_logging, user_errors
+
+    setup_console_logging(stream="stderr")  # stdout: the JSON result alone
+    with user_errors():
         result = evaluate(cfg)
-    except Exception as e:  # noqa: BLE001
-        if (type(e).__name__ in USER_ERRORS or isinstance(e, (ValueError, FileNotFoundError))) and not os.environ.get(
-            "APO_RL_DEBUG"
-        ):
-            print(f"error: {e}", file=sys.stderr)
-            print("(set APO_RL_DEBUG=1 for the full traceback)", file=sys.stderr)
-            sys.exit(2)
-        raise
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
     return result["metrics"].get("eval/accuracy")
 
 

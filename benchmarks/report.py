@@ -22,11 +22,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from framework.errors import DataError
+
+log = logging.getLogger("benchmarks.report")  # not __name__: that is "__main__" under python -m
 
 DONE, FAILED = "DONE.json", "FAILED.json"
 TRAIN_KEYS = ("reward", "accuracy", "kl", "beta", "entropy", "completions/mean_length")
@@ -57,7 +62,7 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """``(train, evals)``: training metrics by RL step and held-out metrics by evaluation step."""
     path = Path(run_dir) / "csv" / "metrics.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise DataError(f"{path} does not exist")
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     with open(path, newline="", encoding="utf-8") as f:
@@ -76,7 +81,7 @@ def summarize_run(run_dir: Path, metric: str = "eval/accuracy", threshold: float
     """Final / best held-out metrics, first step reaching ``threshold`` and training averages."""
     train, evals = read_metrics(run_dir)
     if not evals:
-        raise ValueError(f"{run_dir}: no held-out evaluation in csv/metrics.csv (column eval/step)")
+        raise DataError(f"{run_dir}: no held-out evaluation in csv/metrics.csv (column eval/step)")
     steps = sorted(evals)
     series = [(s, evals[s].get(metric)) for s in steps if evals[s].get(metric) is not None]
     out: dict[str, Any] = {
@@ -352,9 +357,7 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
         try:
             log_to_wandb(sweep_dir, suite, tables, plots, runs)
         except Exception as e:  # noqa: BLE001 - the Markdown report stands without W&B
-            print(
-                f"benchmarks.report: W&B logging failed ({type(e).__name__}: {e}); report.md written", file=sys.stderr
-            )
+            log.warning("benchmarks.report: W&B logging failed (%s: %s); report.md written", type(e).__name__, e)
     return path
 
 
@@ -392,6 +395,9 @@ def log_to_wandb(sweep_dir: Path, suite: dict, tables, plots, runs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from framework.run import setup_console_logging
+
+    setup_console_logging()
     ap = argparse.ArgumentParser(description="(Re)write the report of a benchmark sweep.")
     ap.add_argument("sweep_dir")
     ap.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")

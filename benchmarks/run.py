@@ -327,11 +327,11 @@ def run_suite(cfg: DictConfig) -> list[Run]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    from framework.run import setup_console_logging, user_errors
+
+    setup_console_logging()
+    with user_errors():  # a UserError: one `error:` line, exit status 2
         runs = run_suite(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if any(r.status == "failed" for r in runs):
         sys.exit(1)
 

@@ -18,8 +18,10 @@ from framework.config import ConfigError
 
 
 class RLCheckpoint(L.Callback):
-    def __init__(self, root: Path, every: int, bundle):
-        self.root, self.every, self.bundle = Path(root), every, bundle
+    def __init__(self, root: Path, every: int, bundle, export_dtype=None):
+        """``export_dtype``: the torch dtype of the ``policy/`` export (None: the weights' own);
+        ``state.ckpt`` always holds the (master) weights as they are trained."""
+        self.root, self.every, self.bundle, self.export_dtype = Path(root), every, bundle, export_dtype
         self.last: Path | None = None
 
     def save(self, trainer, module) -> Path:
@@ -30,6 +32,9 @@ class RLCheckpoint(L.Callback):
         # FSDP: the policy's shards gathered on every rank (a collective), written by rank 0
         full = full_state_dict_for_export(module.policy) if is_sharded(module.policy) else None
         if trainer.is_global_zero:
+            if self.export_dtype is not None:  # e.g. fp32 master weights exported in bf16
+                sd = full if full is not None else module.policy.state_dict()
+                full = {k: v.to(self.export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
             module.policy.save_pretrained(str(d / "policy"), state_dict=full)
             self.bundle.tokenizer.save_pretrained(str(d / "policy"))
             ip = getattr(self.bundle.processor, "image_processor", None)

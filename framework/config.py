@@ -39,7 +39,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
     attn_implementation: Optional[str] = "sdpa"
-    lr: float = 1e-6  # recommended learning rate for this model (optim.lr defaults to it)
+    # recommended learning rate for this model (optim.lr defaults to it); the default is the tiny
+    # model's: a 0.6M-parameter model needs a far larger lr than a 3B one (1e-3 collapses it)
+    lr: float = 3e-4
 
     def validate(self, p: str) -> None:
         dtypes = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
@@ -55,9 +57,9 @@ class RolloutConfig:
     engine: str = "hf"
     group_size: int = 8
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
+    top_p: float = 1.0  # < 1 or top_k > 0: the sampler's log-probs are those of the truncated distribution
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 24  # the tiny default's budget; real-size models set their own (configs/model/)
     stop: Optional[list[str]] = None
     eval_temperature: float = 0.0  # greedy evaluation
     seed_per_prompt: bool = False  # sample each prompt from its own seed (batch/rank independent)
@@ -67,7 +69,7 @@ class RolloutConfig:
     max_model_len: int = 4096
     enforce_eager: bool = False
     sleep: bool = False
-    dtype: Optional[str] = None
+    dtype: Optional[str] = None  # null: model.dtype (the compute dtype)
     logp_diff_warn: float = 0.5  # warn when the sampler/trainer log-prob gap exceeds this
     tis_cap: Optional[float] = None  # truncated importance-sampling correction cap (off: null)
 
@@ -113,7 +115,9 @@ class OptimConfig:
 class FSDPConfig:
     """``trainer.fsdp``: how ``trainer.strategy=fsdp`` shards (see framework/distributed.py)."""
 
-    mixed_precision: Optional[str] = "bf16"  # bf16 | fp16 | null: compute dtype; master weights stay in model.dtype
+    mixed_precision: Optional[str] = (
+        "bf16"  # bf16 | fp16 | null (compute in model.dtype); master weights: model.master_dtype
+    )
     activation_checkpointing: bool = True  # recompute each block in the backward
     cpu_offload: bool = False  # parameters, gradients and optimizer state live on the CPU
     reshard_after_forward: bool = True  # FULL_SHARD (false: SHARD_GRAD_OP, faster, more memory)
@@ -127,18 +131,18 @@ class FSDPConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 60  # RL steps (rollout batches)
-    prompts_per_step: int = 8  # prompts per rollout batch (global, over all ranks)
-    micro_batch_size: int = 16  # completions per forward/backward
-    num_mini_batches: int = 1  # optimizer steps per rollout batch and epoch
-    accelerator: str = "auto"
+    max_steps: int = 80  # RL steps (rollout batches)
+    prompts_per_step: int = 16  # prompts per rollout batch (global, over all ranks); x group_size completions
+    micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation inside a step)
+    num_mini_batches: int = 1  # optimizer steps per rollout batch and ppo epoch (> 1: clipped off-policy steps)
+    accelerator: str = "auto"  # auto (a GPU when there is one) | cpu | gpu
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: Optional[str] = None  # null: derived from model.dtype / model.master_dtype (see resolve_precision)
     eval_every: int = 10  # RL steps between evaluations (0: only start and end)
     eval_size: int = 200  # test records used for evaluation
-    eval_batch_size: int = 64
+    eval_batch_size: int = 100
     eval_pass_k: int = 1  # k of eval/pass@k (sampled at the rollout temperature)
     eval_samples: Optional[int] = None  # n samples per prompt for pass@k / accuracy_sampled (null: = k)
     save_every: int = 0  # RL steps between checkpoints (0: only at the end)
@@ -152,10 +156,10 @@ class TrainerConfig:
 
     def validate(self, p: str) -> None:
         self.fsdp.validate(f"{p}.fsdp")
-        if self.strategy == "fsdp" and str(self.precision) not in ("32-true", "32"):
+        if self.strategy == "fsdp" and self.precision is not None and str(self.precision) not in ("32-true", "32"):
             raise ConfigError(
                 f"{p}.precision={self.precision!r} with trainer.strategy=fsdp: keep 32-true and set the "
-                f"compute dtype with {p}.fsdp.mixed_precision=bf16 (the weights' dtype is model.dtype)"
+                f"compute dtype with {p}.fsdp.mixed_precision=bf16 (the weights' dtype is model.master_dtype)"
             )
         if self.strategy == "fsdp" and not (isinstance(self.devices, int) and self.devices > 0):
             raise ConfigError(
@@ -182,6 +186,14 @@ class TrainerConfig:
             raise ConfigError(
                 f"{p}.eval_samples={self.eval_samples} must be >= {p}.eval_pass_k={self.eval_pass_k} "
                 "(pass@k needs at least k samples per prompt; null uses k)"
+            )
+        ranks = self.devices * self.num_nodes if isinstance(self.devices, int) and self.devices > 0 else 1
+        if self.prompts_per_step % ranks == 0 and (self.prompts_per_step // ranks) % self.num_mini_batches:
+            raise ConfigError(
+                f"{p}.prompts_per_step={self.prompts_per_step} over {ranks} rank(s) gives "
+                f"{self.prompts_per_step // ranks} prompt groups per rank, which do not split into "
+                f"{p}.num_mini_batches={self.num_mini_batches} equal mini-batches: make prompts_per_step a "
+                f"multiple of {ranks * self.num_mini_batches} (ranks x num_mini_batches)"
             )
         if self.prompts_per_step % self.num_mini_batches:
             raise ConfigError(
@@ -249,4 +261,60 @@ def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad value in '{name}': {str(e).splitlines()[0]}") from None
         out[name] = check_section(section, schema, name)
+    out["trainer"].precision = resolve_precision(out["model"], out["trainer"])
     return out
+
+
+CANONICAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def canonical_dtype(name: str) -> str:
+    """``bf16`` -> ``bfloat16`` etc.; canonical names unchanged."""
+    return CANONICAL_DTYPES.get(name, name)
+
+
+def resolve_precision(m: ModelConfig, t: TrainerConfig) -> str:
+    """Lightning's precision for compute dtype ``model.dtype`` and weight dtype
+    ``model.master_dtype`` (the one source of truth; ``trainer.precision`` may only restate it):
+
+    - dtype == master_dtype: ``32-true`` (nothing to do: the weights are in the compute dtype;
+      pure bf16 when both are bfloat16)
+    - bf16 / fp16 compute with fp32 masters: ``bf16-mixed`` / ``16-mixed`` (autocast around the
+      step; weights, gradients and AdamW state stay fp32)
+    - ``trainer=fsdp``: ``32-true``; FSDP2's MixedPrecisionPolicy casts the gathered parameters
+      to the compute dtype (framework/distributed.py)."""
+    c, w = canonical_dtype(m.dtype), canonical_dtype(m.master_dtype)
+    if _WIDTH[w] < _WIDTH[c]:
+        raise ConfigError(
+            f"model.master_dtype={m.master_dtype} is narrower than the compute dtype model.dtype={m.dtype}: "
+            f"set model.master_dtype=float32 (fp32 master weights) or model.master_dtype={m.dtype}"
+        )
+    if t.strategy == "fsdp" or c == w:
+        derived = "32-true"
+    else:
+        derived = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}[c]
+    if t.precision is not None and str(t.precision) != derived and t.strategy != "fsdp":
+        raise ConfigError(
+            f"trainer.precision={t.precision!r} disagrees with model.dtype={m.dtype} (compute) and "
+            f"model.master_dtype={m.master_dtype} (weights), which give {derived!r}: set the dtypes instead "
+            "(e.g. model.dtype=bfloat16 model.master_dtype=float32 for bf16 compute with fp32 master weights) "
+            "and leave trainer.precision=null"
+        )
+    return derived
+
+
+def register_schemas() -> None:
+    """Each typed section's dataclass defaults become the ``base`` option of its Hydra group
+    (``model/base``, ``rollout/base``, ``optim/base``, ``trainer/base``, ``logger/base``); the
+    YAML files of a group start from it (``defaults: [base, _self_]``) and state only what they
+    change, so every default lives in one place: the dataclasses above. Stored as plain
+    dicts: the types and ranges are checked by :func:`validate_run_config` with one-line errors."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, schema in SECTIONS.items():
+        cs.store(group=group, name="base", node=OmegaConf.to_container(OmegaConf.structured(schema)))
+
+
+register_schemas()  # on import: framework.run, benchmarks and the tests compose after importing this

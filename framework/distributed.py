@@ -6,7 +6,7 @@ with the sharding applied here, in :func:`shard_model`, from ``trainer.fsdp``:
     FSDP unit, so is the vision tower's remainder (patch embedding, merger), and the rest
     (embeddings, final norm, LM head) is the root unit; FULL_SHARD
     (``reshard_after_forward``); bf16 compute with fp32 gradient reduction
-    (``mixed_precision: bf16``; master weights in ``model.dtype``); activation checkpointing
+    (``mixed_precision: bf16``, or ``model.dtype`` when null; master weights in ``model.master_dtype``); activation checkpointing
     of each block; optional CPU offload of parameters, gradients and optimizer state.
 
 The frozen reference model is sharded the same way (it is never loaded when the algorithm
@@ -88,7 +88,9 @@ def block_modules(model: torch.nn.Module, names=None) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool, compute_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """Apply FSDP2 to a Hugging Face model in place: one unit per ``_no_split_modules`` block,
     the model itself as the root unit. Adds ``model.apo_completion_logprobs``, the chunked
     log-prob computation registered as an FSDP forward method (it calls the backbone and the
@@ -103,7 +105,11 @@ def shard_model(model: torch.nn.Module, fsdp_cfg, mesh=None, *, trainable: bool)
 
     from framework.logprobs import completion_logprobs_unsharded
 
-    mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fsdp_cfg.mixed_precision)
+    # compute dtype: trainer.fsdp.mixed_precision, else model.dtype where it differs from the
+    # (master) dtype the parameters were loaded in; reduction in fp32 whenever compute is narrower
+    mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fsdp_cfg.mixed_precision, compute_dtype)
+    if mp is not None and mp == next(model.parameters()).dtype:
+        mp = None
     kw: dict[str, Any] = dict(
         mesh=mesh,
         reshard_after_forward=fsdp_cfg.reshard_after_forward,

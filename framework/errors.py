@@ -33,6 +33,11 @@ class DataError(UserError, ValueError):
     """Data records that cannot be used; names the file, the record and the problem."""
 
 
+class DependencyError(UserError, ImportError):
+    """An optional package (vLLM, a plugin's module) that is missing or cannot be imported;
+    says what to install or fix."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A non-finite loss or gradient; names the RL step, the optimizer step and the quantity."""
 

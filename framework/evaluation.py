@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torchmetrics
 
+from framework.errors import ConfigError
 from framework.rollout.base import SamplingParams
 from framework.rollout.inputs import encode_prompts
 
@@ -75,14 +76,14 @@ class EvalSettings:
 
     def check(self) -> None:
         if self.pass_k < 1:
-            raise ValueError(f"eval pass_k={self.pass_k} must be >= 1")
+            raise ConfigError(f"eval pass_k={self.pass_k} must be >= 1")
         if self.n < self.pass_k:
-            raise ValueError(
+            raise ConfigError(
                 f"eval num_samples={self.num_samples} must be >= pass_k={self.pass_k} "
                 "(pass@k needs at least k samples per prompt)"
             )
         if self.batch_size < 1:
-            raise ValueError(f"eval batch_size={self.batch_size} must be >= 1")
+            raise ConfigError(f"eval batch_size={self.batch_size} must be >= 1")
 
 
 def settings_from_rollout(

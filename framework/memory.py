@@ -1,17 +1,18 @@
 """The start-up memory budget: what one device will hold for the chosen model, strategy and
-batch, printed before any weight is loaded, so that an out-of-memory is predicted instead of
+batch, logged before any weight is loaded (:meth:`MemoryBudget.log`), so that an out-of-memory is predicted instead of
 met. Parameter counts are exact (the model is built on the ``meta`` device from its config);
 activations and KV cache are estimates from the architecture:
 
     N, N_train     parameters of the model / the trainable ones (vision tower frozen or not)
-    b_p, b_c       bytes per parameter (model.dtype) / per activation (compute dtype: bf16
-                   under trainer.fsdp.mixed_precision=bf16, else model.dtype)
+    b_p, b_c       bytes per trained parameter (model.master_dtype: fp32 master weights by
+                   default) / per activation and frozen-reference parameter (the compute dtype:
+                   trainer.fsdp.mixed_precision under FSDP, else model.dtype)
     S              shards: the world size under FSDP, else 1 (DDP replicates everything)
 
     weights        N * b_p / S                  (0 on the device with CPU offload)
     gradients      N_train * b_p / S            (kept in the parameter dtype)
     optimizer      2 * N_train * b_p / S        (AdamW: exp_avg, exp_avg_sq)
-    reference      N * b_p / S                  (0 when the algorithm never needs it)
+    reference      N * b_c / S                  (0 when the algorithm never needs it)
     FSDP gathered  (root unit + 2 largest blocks) * b_c    (the blocks being computed/prefetched)
     activations    one micro-batch of t = micro_batch_size * (max_prompt_tokens + max_new_tokens)
                    tokens: per block a_l = t * (8h + 3 kv + 4 I) * b_c (saved inputs of norms,
@@ -33,11 +34,14 @@ vision tower's activations (a few hundred tokens an image) are not counted.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from framework.models.loading import DTYPES
+
+log = logging.getLogger(__name__)
 
 GiB = 1024**3
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}  # model.dtype names -> bytes
@@ -146,6 +150,14 @@ class MemoryBudget:
             "model.gradient_checkpointing=true, rollout.sleep=true (vLLM), a smaller rollout.max_new_tokens."
         )
 
+    def log(self, logger: logging.Logger | None = None) -> None:
+        """:meth:`format` at INFO and, when the peak exceeds the device, :meth:`warning` at WARNING."""
+        logger = logger or log
+        logger.info(self.format())
+        warning = self.warning()
+        if warning:
+            logger.warning(warning)
+
 
 def estimate(
     cfg,
@@ -153,6 +165,7 @@ def estimate(
     *,
     model_dtype: str,
     world_size: int,
+    compute_dtype: str | None = None,
     fsdp=None,
     needs_reference: bool,
     freeze_vision_tower: bool,
@@ -173,7 +186,7 @@ def estimate(
     b_p = BYTES[model_dtype]
     sharded = fsdp is not None
     mp = getattr(fsdp, "mixed_precision", None) if sharded else None
-    b_c = BYTES[mp] if mp else b_p
+    b_c = BYTES[mp] if mp else BYTES[compute_dtype] if compute_dtype else b_p
     S = world_size if sharded else 1
     offload = sharded and bool(fsdp.cpu_offload)
     ckpt = (sharded and bool(fsdp.activation_checkpointing)) or gradient_checkpointing
@@ -186,7 +199,8 @@ def estimate(
     weights = on_dev * counts.total * b_p / S
     grads = on_dev * n_train * b_p / S
     optim = on_dev * 2 * n_train * b_p / S
-    ref = on_dev * counts.total * b_p / S if needs_reference else 0.0
+    b_r = BYTES[compute_dtype] if compute_dtype else b_p  # the reference is loaded in the compute dtype
+    ref = on_dev * counts.total * b_r / S if needs_reference else 0.0
     gathered = (counts.root + 2 * counts.largest_block) * b_c if sharded else 0.0
     t = micro_batch_size * (prompt_tokens + new_tokens)
     per_block = t * (8 * a.hidden + 3 * a.kv_dim + 4 * a.intermediate) * b_c
@@ -207,7 +221,11 @@ def estimate(
         (
             "reference",
             ref,
-            (f"frozen copy{shard_note}{where}" if needs_reference else "not loaded (the algorithm never uses it)"),
+            (
+                f"frozen copy x {b_r} B{shard_note}{where}"
+                if needs_reference
+                else "not loaded (the algorithm never uses it)"
+            ),
         ),
     ]
     if sharded:
@@ -250,7 +268,8 @@ def budget_for_run(path: str, sections: dict, algorithm, world_size: int, prompt
     return estimate(
         cfg,
         count_params(cfg),
-        model_dtype=m.dtype,
+        model_dtype=m.master_dtype,
+        compute_dtype=m.dtype,
         world_size=world_size,
         fsdp=t.fsdp if t.strategy == "fsdp" else None,
         needs_reference=algorithm.needs_reference,

@@ -100,11 +100,14 @@ class RLModule(L.LightningModule):
         way (framework/distributed.py). Called by Lightning before the optimizer is built."""
         if not uses_fsdp(self._trainer) or is_sharded(self.policy):
             return
+        from framework.models.loading import DTYPES
+
         cfg = self.trainer.strategy.fsdp_cfg
         mesh = self.device_mesh["data_parallel"]
-        shard_model(self.policy, cfg, mesh, trainable=True)
+        compute = DTYPES[self.s["model"].dtype]
+        shard_model(self.policy, cfg, mesh, trainable=True, compute_dtype=compute)
         if self.reference is not None:
-            shard_model(self.reference, cfg, mesh, trainable=False)
+            shard_model(self.reference, cfg, mesh, trainable=False, compute_dtype=compute)
 
     def on_fit_start(self):
         if self.reference is not None and not is_sharded(self.reference):
@@ -216,8 +219,13 @@ class RLModule(L.LightningModule):
         if self.algo.needs_reference and self.reference is not None:
             rollout.logp_ref = self.logprobs.no_grad(self.reference, rollout, mbs)
         metrics["timing_s/ref"] = time.perf_counter() - t0
-        if self.algo.needs_old_logprobs:
+        # several optimizer steps per rollout (ppo_epochs or mini-batches): every step after the
+        # first is off-policy, so the rollout policy's log-probs are taken once, before any update,
+        # and every mini-batch's ratio (and clip) is against them
+        if self.algo.needs_old_logprobs or self.updates_per_step > 1:
+            t1 = time.perf_counter()
             rollout.logp_old = self.logprobs.no_grad(self.policy, rollout, mbs)
+            metrics["timing_s/old_logp"] = time.perf_counter() - t1
         if rollout.logp_sampler is not None:
             lp = rollout.logp_old if rollout.logp_old is not None else self.logprobs.no_grad(self.policy, rollout, mbs)
             m = rollout.completion_mask

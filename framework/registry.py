@@ -15,7 +15,9 @@ Third-party packages register without editing this project in either of two ways
 * a module named in the config: ``plugins=[my_pkg.my_algo]`` imports it before the run
   resolves any name.
 
-An unknown name raises :class:`UnknownNameError`, which lists every registered name.
+An unknown name raises :class:`UnknownNameError`, which lists every registered name; a
+plugin that cannot be imported raises :class:`PluginImportError`. Both are user errors
+(:class:`framework.errors.UserError`): the CLIs print them as one line.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
-from framework.errors import UnknownNameError  # noqa: F401  (raised here, importable from here)
+from framework.errors import ConfigError, DependencyError, UnknownNameError
+
+
+class PluginImportError(DependencyError):
+    """A plugin module (``plugins=[...]``) or entry point that cannot be imported; names it and
+    the error, and says to install it or put it on PYTHONPATH."""
 
 
 class Registry:
@@ -45,7 +52,7 @@ class Registry:
 
         def deco(o: Any) -> Any:
             if name in self._items and self._items[name] is not o and not override:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.kind} '{name}' is already registered by "
                     f"{_describe(self._items[name])}; pass override=True to replace it"
                 )
@@ -64,7 +71,7 @@ class Registry:
             try:
                 obj = ep.load()
             except Exception as e:  # a broken plugin must not take the framework down silently
-                raise ImportError(
+                raise PluginImportError(
                     f"could not load {self.kind} plugin entry point '{ep.name} = {ep.value}' "
                     f"(group {self.entry_point_group}): {e}"
                 ) from e
@@ -108,7 +115,7 @@ def import_plugins(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(mod)
         except ImportError as e:
-            raise ImportError(
+            raise PluginImportError(
                 f"plugin module '{mod}' (from plugins=[...]) could not be imported: {e}. "
                 "Check that it is installed or on PYTHONPATH."
             ) from e

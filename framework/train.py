@@ -8,6 +8,7 @@ sections, algorithm options, registered names, reward parameters) is checked fir
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError, validate_run_config
+from framework.config import ConfigError, canonical_dtype, validate_run_config
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,11 +131,9 @@ def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
             prompt_tokens=int(cfg.data.get("max_prompt_tokens", 1024)),
         )
     except Exception as e:  # an estimate must never stop a run
-        print(f"apo-rl: no memory budget ({type(e).__name__}: {e})")
+        log.warning("apo-rl: no memory budget (%s: %s)", type(e).__name__, e)
         return
-    print(b.format())
-    if b.warning():
-        print(b.warning())
+    b.log()
 
 
 def train(cfg: DictConfig) -> RunResult:
@@ -142,7 +143,7 @@ def train(cfg: DictConfig) -> RunResult:
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
     from framework.distributed import make_strategy
-    from framework.models.loading import load_model, load_model_bundle, resolve_path
+    from framework.models.loading import DTYPES, load_model, load_model_bundle, resolve_path
     from framework.module import RLModule
     from framework.rollout.inputs import encode_prompts
 
@@ -160,9 +161,12 @@ def train(cfg: DictConfig) -> RunResult:
     _print_memory_budget(path, s, algorithm, cfg)
     bundle = load_model_bundle(path)
     m = s["model"]
+    # the policy is loaded in the master dtype (fp32 by default: AdamW steps fp32 weights, and
+    # Lightning's bf16-mixed / FSDP's MixedPrecisionPolicy computes in model.dtype); the frozen
+    # reference is only ever run, so it is loaded in the compute dtype
     policy = load_model(
         path,
-        m.dtype,
+        m.master_dtype,
         trainable=True,
         gradient_checkpointing=m.gradient_checkpointing,
         freeze_vision_tower=m.freeze_vision_tower,
@@ -193,8 +197,6 @@ def train(cfg: DictConfig) -> RunResult:
             on_invalid=data_cfg.get("on_invalid", "error"),
             split=split,
         )
-        if report.problems:
-            print(report.summary())
         splits[split] = checked
     if "train" not in splits:
         raise ConfigError(f"data has no 'train' split (splits: {list(ds)})")
@@ -216,6 +218,8 @@ def train(cfg: DictConfig) -> RunResult:
             yield [to_record(train_ds[rng.randrange(len(train_ds))]) for _ in range(t.prompts_per_step)]
 
     engine_cls = ROLLOUT_ENGINES.get(s["rollout"].engine)
+    if s["rollout"].dtype is None:  # an engine with its own weights (vLLM) runs in the compute dtype
+        s["rollout"].dtype = canonical_dtype(m.dtype)
 
     def engine_factory(model):
         return engine_cls(s["rollout"], bundle, model)
@@ -235,7 +239,13 @@ def train(cfg: DictConfig) -> RunResult:
         seed=int(cfg.seed),
     )
 
-    ckpt_cb = RLCheckpoint(out / "checkpoints", every=t.save_every, bundle=bundle)
+    export = canonical_dtype(m.export_dtype or m.dtype)
+    ckpt_cb = RLCheckpoint(
+        out / "checkpoints",
+        every=t.save_every,
+        bundle=bundle,
+        export_dtype=DTYPES[export] if export != canonical_dtype(m.master_dtype) else None,
+    )
     trainer = L.Trainer(
         max_steps=t.max_steps * module.updates_per_step,
         accelerator=t.accelerator,
@@ -253,13 +263,13 @@ def train(cfg: DictConfig) -> RunResult:
         default_root_dir=str(out),
         use_distributed_sampler=False,
     )
-    print(f"apo-rl: algorithm={cfg.algorithm.name} model={s['model'].name_or_path} outputs -> {out}")
+    log.info("apo-rl: algorithm=%s model=%s outputs -> %s", cfg.algorithm.name, s["model"].name_or_path, out)
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     finally:
         rewards.close()
     if trainer.global_rank == 0:
-        print(
+        log.info(
             f"apo-rl: done. metrics: {out / 'csv' / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}"
             + (
                 f"; W&B offline run: {out / 'wandb'}"

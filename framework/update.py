@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from framework.distributed import GradientSync, clip_grad_norm
-from framework.errors import NonFiniteError
+from framework.errors import ConfigError, NonFiniteError
 from framework.logprobs import RolloutLogProbs
 from framework.types import LossNormalizer, Rollout
 
@@ -83,14 +83,23 @@ class PolicyUpdate:
         return res
 
     def mini_batches(self, rollout: Rollout, epoch: int) -> list[list[int]]:
-        """Row indices of each mini-batch: whole groups, shuffled whenever the batch is split or
-        reused (the first epoch of a single mini-batch keeps the rollout's order)."""
+        """Row indices of exactly ``num_mini_batches`` mini-batches of whole groups, shuffled
+        whenever the batch is split or reused (the first epoch of a single mini-batch keeps the
+        rollout's order). Lightning's max_steps and the LR and KL schedules count on exactly
+        that many optimizer steps per epoch, so an uneven split is an error, not fewer steps."""
         groups = rollout.group_ids.unique()
-        if self.num_mini_batches > 1 or epoch > 0:
+        k = self.num_mini_batches
+        if len(groups) % k:
+            raise ConfigError(
+                f"{len(groups)} groups on this rank do not split into trainer.num_mini_batches={k} equal "
+                f"mini-batches: make the prompts per rank (trainer.prompts_per_step / number of ranks) "
+                f"a multiple of {k}"
+            )
+        if k > 1 or epoch > 0:
             groups = groups[torch.randperm(len(groups))]
         return [
             torch.cat([torch.nonzero(rollout.group_ids == g).flatten() for g in chunk]).tolist()
-            for chunk in groups.chunk(self.num_mini_batches)
+            for chunk in groups.chunk(k)
         ]
 
     def _mini_batch(self, sub: Rollout, optimizer, *, rl_step: int, optimizer_step: int) -> dict[str, float] | None:

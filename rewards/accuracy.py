@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from framework.errors import ConfigError, DataError
 from framework.registry import REWARDS
 
 from .base import Reward, RewardResult, _check_lengths, extract_answer, gold_answer, record_name
@@ -32,9 +33,9 @@ class AccuracyReward(Reward):
     def __init__(self, timeout_s: float = 5.0, workers: int = 4):
         timeout_s, workers = float(timeout_s), int(workers)
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         if workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
+            raise ConfigError(f"workers must be >= 0 (0 = in-process), got {workers}")
         self.timeout_s = timeout_s
         self.workers = workers
         self._pool: VerifyPool | None = None
@@ -64,7 +65,7 @@ class AccuracyReward(Reward):
                     return (1.0 if pred_letter == letter else 0.0), None
                 gold = str(choices[_LETTERS.index(letter)]).strip()
                 if not gold:
-                    raise ValueError(f"empty text for the gold choice {letter} in {record_name(record)}")
+                    raise DataError(f"empty text for the gold choice {letter} in {record_name(record)}")
         if not pred:
             return 0.0, None
         return None, {"pred": pred, "gold": gold}

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from framework.errors import ConfigError, DataError
 from framework.registry import REWARDS
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def gold_answer(record: Mapping[str, Any]) -> str:
     if gold is not None and not isinstance(gold, str):
         gold = str(gold)
     if gold is None or not gold.strip():
-        raise ValueError(f"empty gold answer in {record_name(record)}")
+        raise DataError(f"empty gold answer in {record_name(record)}")
     return gold.strip()
 
 
@@ -151,7 +152,7 @@ def build_reward(name: str, params: Mapping[str, Any] | None = None) -> Reward:
     if accepted is not None:
         unknown = sorted(set(params) - set(accepted))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"reward '{name}' ({cls.__module__}.{cls.__qualname__}) got unknown "
                 f"parameter(s) {unknown}; accepted parameters: "
                 f"{['weight'] + accepted}"
@@ -159,7 +160,7 @@ def build_reward(name: str, params: Mapping[str, Any] | None = None) -> Reward:
     try:
         obj = cls(**params)
     except (TypeError, ValueError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"reward '{name}': invalid parameters {params}: {e}. Accepted parameters: "
             f"{['weight'] + (accepted if accepted is not None else ['**kwargs'])}"
         ) from e
@@ -193,7 +194,7 @@ class RewardSet:
 
     def __init__(self, components: Mapping[str, Mapping[str, Any] | None], correctness: str = "accuracy"):
         if not isinstance(components, Mapping) or not components:
-            raise ValueError("RewardSet needs a non-empty mapping {reward_name: {weight, ...}}")
+            raise ConfigError("RewardSet needs a non-empty mapping {reward_name: {weight, ...}}")
         self.rewards: dict[str, Reward] = {}
         self.weights: dict[str, float] = {}
         self.correctness = str(correctness)
@@ -205,9 +206,9 @@ class RewardSet:
                 try:
                     weight = float(weight)
                 except (TypeError, ValueError):
-                    raise ValueError(f"reward '{name}': weight must be a number, got {weight!r}") from None
+                    raise ConfigError(f"reward '{name}': weight must be a number, got {weight!r}") from None
                 if not math.isfinite(weight):
-                    raise ValueError(f"reward '{name}': weight must be finite, got {weight}")
+                    raise ConfigError(f"reward '{name}': weight must be finite, got {weight}")
                 self.rewards[name] = build_reward(name, params)
                 self.weights[name] = weight
             if self.correctness not in self.rewards:
@@ -221,12 +222,12 @@ class RewardSet:
     def from_config(cls, cfg: Mapping[str, Any]) -> RewardSet:
         """From ``{correctness: str, components: {name: {weight, **params}}}``."""
         if not isinstance(cfg, Mapping):
-            raise ValueError(f"reward config must be a mapping, got {type(cfg).__name__}")
+            raise ConfigError(f"reward config must be a mapping, got {type(cfg).__name__}")
         unknown = sorted(set(cfg) - {"correctness", "components"})
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in the reward config; expected 'correctness' and 'components'")
+            raise ConfigError(f"unknown key(s) {unknown} in the reward config; expected 'correctness' and 'components'")
         if "components" not in cfg:
-            raise ValueError("the reward config needs 'components: {name: {weight: ...}}'")
+            raise ConfigError("the reward config needs 'components: {name: {weight: ...}}'")
         return cls(cfg["components"], correctness=cfg.get("correctness", "accuracy"))
 
     def __call__(self, completions: Sequence[str], records: Sequence[dict]) -> RewardScores:

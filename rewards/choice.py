@@ -12,6 +12,7 @@ import re
 import string
 from collections.abc import Sequence
 
+from framework.errors import DataError
 from framework.registry import REWARDS
 
 from .base import Reward, extract_answer, gold_answer, record_name
@@ -103,7 +104,7 @@ def gold_letter(answer: str, choices: Sequence[str] | None) -> str:
         for i, c in enumerate(choices):
             if normalize_text(str(c)) == norm:
                 return _LETTERS[i]
-    raise ValueError(
+    raise DataError(
         f"gold answer {answer!r} is neither a choice letter in {valid[0]}..{valid[-1]} "
         f"nor the text of one of the {n or 0} choices"
     )
@@ -136,7 +137,7 @@ class ChoiceReward(Reward):
         try:
             gold = gold_letter(gold_answer(record), choices)
         except ValueError as e:
-            raise ValueError(f"{e} ({record_name(record)})") from None
+            raise DataError(f"{e} ({record_name(record)})") from None
         if pred is None:
             return 0.0
         return match_choice(pred, gold, choices)

@@ -9,6 +9,7 @@ up to the target, falling linearly to -1.0 at twice the target and clipped there
 
 from __future__ import annotations
 
+from framework.errors import ConfigError
 from framework.registry import REWARDS
 
 from .base import Reward
@@ -21,11 +22,11 @@ MODES = ("penalty",)
 class LengthReward(Reward):
     def __init__(self, target: int = 1024, unit: str = "chars", mode: str = "penalty"):
         if unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+            raise ConfigError(f"unit must be one of {UNITS}, got {unit!r}")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if not target or float(target) <= 0:
-            raise ValueError(f"target must be > 0, got {target!r}")
+            raise ConfigError(f"target must be > 0, got {target!r}")
         self.target, self.unit, self.mode = float(target), unit, mode
 
     def measure(self, completion: str) -> int:

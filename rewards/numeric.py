@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 
+from framework.errors import ConfigError, DataError
 from framework.registry import REWARDS
 
 from .base import Reward, extract_answer, gold_answer, record_name
@@ -62,13 +63,13 @@ class NumericReward(Reward):
     def __init__(self, rel_tol: float = 1e-4, abs_tol: float = 1e-6):
         self.rel_tol, self.abs_tol = float(rel_tol), float(abs_tol)
         if self.rel_tol < 0 or self.abs_tol < 0:
-            raise ValueError("rel_tol and abs_tol must be >= 0")
+            raise ConfigError("rel_tol and abs_tol must be >= 0")
 
     def score(self, completion: str, record: dict) -> float:
         gold_s = gold_answer(record)
         gold = parse_number(gold_s)
         if gold is None:
-            raise ValueError(f"gold answer {gold_s!r} is not a number ({record_name(record)})")
+            raise DataError(f"gold answer {gold_s!r} is not a number ({record_name(record)})")
         pred = parse_number(extract_answer(completion))
         if pred is None:
             return 0.0

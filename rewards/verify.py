@@ -36,6 +36,8 @@ import weakref
 from collections import deque
 from typing import Any
 
+from framework.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +105,7 @@ def verify_answer(pred: str, gold: str, timeout: int | None = None) -> dict[str,
 
     pred, gold = str(pred).strip(), str(gold).strip()
     if not gold:
-        raise ValueError("empty gold answer")
+        raise DataError("empty gold answer")
     string_eq = bool(pred) and normalize_text(pred) == normalize_text(gold)
     if not pred:
         return {"score": 0.0, "gold_ok": True, "pred_ok": False}
@@ -286,9 +288,9 @@ class VerifyPool:
 
     def __init__(self, workers: int = 4, timeout_s: float = 5.0, grace_s: float | None = None):
         if workers < 1:
-            raise ValueError(f"VerifyPool needs workers >= 1, got {workers}")
+            raise ConfigError(f"VerifyPool needs workers >= 1, got {workers}")
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         self.num_workers = int(workers)
         self.timeout_s = float(timeout_s)
         self.grace_s = float(grace_s) if grace_s is not None else min(2.0, max(0.5, timeout_s))

@@ -172,7 +172,10 @@ def test_over_budget_warns_with_the_remedies():
     assert small.warning() is None and "fits" in small.format()
 
 
-def test_a_run_prints_its_budget(capsys):
+def test_a_run_prints_its_budget(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="framework")
     from framework.train import _print_memory_budget, check_early
 
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
@@ -183,7 +186,7 @@ def test_a_run_prints_its_budget(capsys):
     _print_memory_budget(
         resolve_path(early["sections"]["model"].name_or_path), early["sections"], early["algorithm"], cfg
     )
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "memory budget" in out
     for row in (
         "weights",

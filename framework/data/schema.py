@@ -23,6 +23,8 @@ from typing import Any
 import datasets
 from datasets import Features, Image, List, Value
 
+from framework.errors import DataError
+
 IMAGE_PLACEHOLDER = "<image>"
 
 FEATURES = Features(
@@ -50,7 +52,7 @@ def decode_image(value: Any):
     """A PIL image (RGB) from a decoded image, ``{"bytes", "path"}`` dict, bytes or path.
 
     Raises ``FileNotFoundError`` / ``PIL.UnidentifiedImageError`` / ``OSError`` on bad input
-    and ``ValueError`` when there is nothing to decode.
+    and :class:`~framework.errors.DataError` (a ``ValueError``) when there is nothing to decode.
     """
     import PIL.Image
 
@@ -64,16 +66,16 @@ def decode_image(value: Any):
         elif isinstance(value, (str, os.PathLike)):
             data, path = None, value
         elif value is None:
-            raise ValueError("image is missing (no path or bytes)")
+            raise DataError("image is missing (no path or bytes)")
         else:
-            raise ValueError(f"cannot decode an image from {type(value).__name__}")
+            raise DataError(f"cannot decode an image from {type(value).__name__}")
         if data is not None:
             im = PIL.Image.open(io.BytesIO(data))
         elif path is not None:
             with open(path, "rb") as f:  # FileNotFoundError names the path
                 im = PIL.Image.open(io.BytesIO(f.read()))
         else:
-            raise ValueError("image is missing (no path or bytes)")
+            raise DataError("image is missing (no path or bytes)")
         im.load()
     if im.mode != "RGB":
         im = im.convert("RGB")

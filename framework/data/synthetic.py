@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, DatasetDict
 
+from framework.errors import ConfigError
 from framework.registry import TASKS
 
 from .schema import FEATURES, IMAGE_PLACEHOLDER, cfg_get, choice_letters, decode_metadata, to_plain
@@ -214,18 +215,23 @@ def generate_split(
 ) -> tuple[Dataset, set]:
     """Draw ``size`` records for ``split``; returns the dataset and its set of
     (kind, k, grid, question) keys. Samples whose key is in ``exclude`` are redrawn."""
-    difficulty = [int(d) for d in difficulty]
+    try:
+        difficulty = [int(d) for d in difficulty]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"synthetic: data.difficulty={list(difficulty)} must be integers in {sorted(GRID_SIZE)}"
+        ) from None
     kinds = list(kinds)
     for d in difficulty:
         if d not in GRID_SIZE:
-            raise ValueError(f"synthetic: difficulty {d} is not one of {sorted(GRID_SIZE)}")
+            raise ConfigError(f"synthetic: data.difficulty {d} is not one of {sorted(GRID_SIZE)}")
     for kd in kinds:
         if kd not in _SAMPLERS:
-            raise ValueError(f"synthetic: unknown kind '{kd}'; choose from {list(KINDS)}")
+            raise ConfigError(f"synthetic: unknown data.kinds entry '{kd}'; choose from {list(KINDS)}")
     if not difficulty or not kinds:
-        raise ValueError("synthetic: 'difficulty' and 'kinds' must not be empty")
+        raise ConfigError("synthetic: data.difficulty and data.kinds must not be empty")
     if modality not in ("image", "text"):
-        raise ValueError(f"synthetic: modality must be 'image' or 'text', not '{modality}'")
+        raise ConfigError(f"synthetic: data.modality must be 'image' or 'text', not '{modality}'")
 
     rng = random.Random(f"apo-rl/synthetic/{seed}/{split}")
     exclude = exclude or set()
@@ -247,10 +253,10 @@ def generate_split(
             if key not in exclude:
                 break
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"synthetic: could not draw a {split} sample (kind {kind}, difficulty {d}) that "
                 "is absent from the other split; the space of distinct samples is too small "
-                "for the requested sizes -- lower train_size/test_size or raise the difficulty"
+                "for the requested sizes -- lower data.train_size/data.test_size or raise data.difficulty"
             )
         keys.add(key)
         meta = {

@@ -9,14 +9,17 @@ non-empty question and answer, a gold letter that names one of the choices, and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from framework.errors import DataError  # noqa: F401  (raised here, importable from here)
+from framework.errors import ConfigError, DataError
 
 from .schema import IMAGE_PLACEHOLDER, choice_letters, decode_image, decode_metadata
+
+log = logging.getLogger(__name__)
 
 MAX_SHOWN = 10
 FIX_HINT = "Fix the data, or set data.on_invalid=skip to skip and count them."
@@ -124,9 +127,10 @@ def validate_records(
     batch_size: int = 256,
 ) -> tuple[Dataset, ValidationReport]:
     """Check every record of ``ds``. ``skip``: returns the valid records and a report of
-    the others; ``error``: raises :class:`DataError` listing them (index, id, reason)."""
+    the others (its summary is logged as a warning); ``error``: raises :class:`DataError`
+    listing them (index, id, reason)."""
     if on_invalid not in ("skip", "error"):
-        raise ValueError(f"data.on_invalid must be 'skip' or 'error', not {on_invalid!r}")
+        raise ConfigError(f"data.on_invalid must be 'skip' or 'error', not {on_invalid!r}")
     problems: list[tuple[int, str, str]] = []
     # Arrow format: raw rows without decoding images, so that decode errors are ours to catch
     raw = ds.with_format("arrow")
@@ -146,6 +150,7 @@ def validate_records(
         raise DataError(f"{report.summary()}. {FIX_HINT}")
     if report.kept == 0:
         raise DataError(f"{report.summary()}. Every record of split {split} is invalid; nothing to train on.")
+    log.warning(report.summary())
     return ds.select([i for i in range(total) if i not in bad]), report
 
 

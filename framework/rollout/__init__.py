@@ -1,8 +1,5 @@
-"""Rollout engines (registered in ``framework.registry.ROLLOUT_ENGINES``)."""
+"""Rollout engines (registered in ``framework.registry.ROLLOUT_ENGINES``) and the rollout
+collector. Importing an engine module registers it; the vLLM engine imports vllm lazily, so
+it registers without vllm installed (``check_available`` says how to install it)."""
 
-from framework.rollout import hf  # noqa: F401  registers "hf"
-
-try:  # the vLLM engine registers itself; its import of vllm is lazy
-    from framework.rollout import vllm_engine  # noqa: F401
-except ImportError:
-    pass
+from framework.rollout import hf, vllm_engine  # noqa: F401  register "hf" and "vllm"

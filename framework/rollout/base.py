@@ -33,7 +33,6 @@ class Generation:
     completion_mask: torch.Tensor  # [N, T] float, up to and including EOS
     truncated: torch.Tensor  # [N] bool
     logprobs: torch.Tensor | None = None  # [N, T] sampler log-probs of the chosen tokens
-    texts: list[str] | None = None
 
 
 class RolloutEngine:

@@ -76,9 +76,13 @@ class RolloutCollector:
             parts.append(more)
             keeps.append(self.dynamic.keep(more))
         metrics["filter_groups/extra_rounds"] = float(rounds)
-        kept = _kept_rows(parts, keeps, want)
-        if not kept:  # nothing kept at all: train on the first batch (all-zero advantages)
-            return first, metrics
+        kept, n = _kept_rows(parts, keeps, want)
+        if n < want:  # still short after the last round: fill up with first-round groups that were
+            # not kept (equal rewards: zero advantage, only the KL term acts), so that every step
+            # trains on the same number of groups and makes the same number of mini-batches
+            fill, _ = _kept_rows([first], [~keeps[0]], want - n)
+            kept += fill
+        metrics["filter_groups/filled_groups"] = float(max(0, want - n))
         return Rollout.concat([parts[i].select(rows) for i, rows in kept]), metrics
 
     def collect(self, records: list[dict], rl_step: int, metrics: dict[str, float]) -> Rollout:
@@ -128,8 +132,9 @@ class RolloutCollector:
         return flag
 
 
-def _kept_rows(parts: list[Rollout], keeps: list[torch.Tensor], want: int) -> list[tuple[int, list[int]]]:
-    """``(part, rows)`` of the first ``want`` kept groups over all rounds, in order."""
+def _kept_rows(parts: list[Rollout], keeps: list[torch.Tensor], want: int) -> tuple[list[tuple[int, list[int]]], int]:
+    """``(part, rows)`` of the first ``want`` kept groups over all rounds, in order, and their
+    number of groups."""
     out: list[tuple[int, list[int]]] = []
     n = 0
     for i, (part, keep) in enumerate(zip(parts, keeps)):
@@ -141,4 +146,4 @@ def _kept_rows(parts: list[Rollout], keeps: list[torch.Tensor], want: int) -> li
             n += 1
         if rows:
             out.append((i, rows))
-    return out
+    return out, n

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from framework.errors import ConfigError, DependencyError
 from framework.registry import ROLLOUT_ENGINES
 from framework.rollout.base import Generation, RolloutEngine, SamplingParams
 from framework.rollout.inputs import PromptBatch, completion_mask
@@ -63,7 +64,7 @@ def import_vllm():
     try:
         import vllm
     except Exception as e:  # noqa: BLE001
-        raise ImportError(
+        raise DependencyError(
             INSTALL_HINT.format(why=f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         ) from e
     return vllm
@@ -290,7 +291,7 @@ class VLLMEngine(RolloutEngine):
         vllm = import_vllm()
         mp = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if mp != "0":
-            raise RuntimeError(
+            raise ConfigError(
                 "the vLLM engine runs inside the training process (weights are pushed in place): "
                 f"VLLM_ENABLE_V1_MULTIPROCESSING={mp} is set; unset it or set it to 0"
             )
@@ -298,7 +299,7 @@ class VLLMEngine(RolloutEngine):
             from vllm.platforms import current_platform
 
             if not current_platform.is_sleep_mode_available():
-                raise RuntimeError(
+                raise ConfigError(
                     f"rollout.sleep=true: vLLM's sleep mode is not available on this platform "
                     f"({current_platform.device_type}); set rollout.sleep=false"
                 )
