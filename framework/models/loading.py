@@ -3,10 +3,15 @@
 ``model.name_or_path`` is a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``), a local folder, or a
 built-in tiny model (``tiny:qwen2_5_vl``, ``tiny:qwen2``, with ``-sft`` for the warm-started
 variant, e.g. ``tiny:qwen2_5_vl-sft``) that is built locally and cached.
+
+A local folder is checked before anything loads (:func:`check_model_folder`), so a folder that
+lacks a part fails at start with one line naming the missing file. Any Qwen2-VL / Qwen2.5-VL
+folder that transformers writes loads, with or without torchvision (see :func:`load_processor`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +19,19 @@ from typing import Any
 
 import torch
 
-from framework.errors import ModelNotFoundError  # noqa: F401  (raised here, importable from here)
+from framework.errors import ModelNotFoundError
+from framework.models.tiny import resolve_tiny
+
+__all__ = [
+    "DTYPES",
+    "ModelBundle",
+    "ModelNotFoundError",  # raised here, importable from here
+    "check_model_folder",
+    "load_model",
+    "load_model_bundle",
+    "load_processor",
+    "resolve_path",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -24,6 +41,17 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# the processors this module can build from their parts when AutoProcessor cannot
+PROCESSOR_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}
 
 
 @dataclass
@@ -39,76 +67,218 @@ class ModelBundle:
     vision_token_ids: list[int]  # never to be sampled (pitfall 2)
 
 
+# ------------------------------------------------------------------ where the model is
 def resolve_path(name_or_path: str, data_cfg: Any = None) -> str:
-    """Turn ``tiny:...`` into a built folder; check that a local path or hub id exists."""
+    """Turn ``tiny:...`` into a built folder; check that a local path or hub id exists and
+    holds a config.json (the other parts are checked where they load: :func:`load_model_bundle`,
+    :func:`load_model`)."""
     if name_or_path.startswith("tiny:"):
-        spec = name_or_path[len("tiny:") :]
-        kind, _, variant = spec.partition("-")
-        if variant == "sft":
-            from framework.models.warmstart import build_warmstarted
-
-            return str(build_warmstarted(kind))
-        if variant:
-            raise ValueError(f"unknown tiny model variant '{name_or_path}': use tiny:{kind} or tiny:{kind}-sft")
-        from framework.models.tiny import build_tiny
-
-        return str(build_tiny(kind))
+        return str(resolve_tiny(name_or_path))
     p = Path(os.path.expanduser(name_or_path))
     if p.exists():
-        if not (p / "config.json").exists():
-            raise ModelNotFoundError(f"model folder '{p}' has no config.json: is it a Hugging Face model folder?")
+        check_model_folder(p, weights=False, processor=False)
         return str(p)
-    if name_or_path.startswith((".", "/", "~")):
+    if _looks_local(name_or_path):
         raise ModelNotFoundError(f"model path '{name_or_path}' does not exist")
+    path = _download(name_or_path)
+    check_model_folder(path, weights=False, processor=False)
+    return path
+
+
+def _looks_local(name_or_path: str | Path) -> bool:
+    """A path (rather than a hub id ``org/name``): it exists or is written as a path."""
+    s = str(name_or_path)
+    return Path(os.path.expanduser(s)).exists() or s.startswith((".", "/", "~"))
+
+
+def _download(hub_id: str) -> str:
+    """The hub model's folder in the local cache, downloaded if needed (configs, weights,
+    tokenizer and chat template only)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
-            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-        )
+        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
     except Exception as e:
         raise ModelNotFoundError(
-            f"model '{name_or_path}' could not be found locally or downloaded ({type(e).__name__}: "
+            f"model '{hub_id}' could not be found locally or downloaded ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Download it on a machine with access "
-            f"(`huggingface-cli download {name_or_path} --local-dir /path/to/model`) and point at the "
+            f"(`huggingface-cli download {hub_id} --local-dir /path/to/model`) and point at the "
             f"copy with model.name_or_path=/path/to/model, or set HF_HOME to a cache that holds it."
         ) from None
 
 
+# ------------------------------------------------------------------ is the folder complete
+def check_model_folder(path: str | Path, *, weights: bool = True, processor: bool = True) -> None:
+    """Fail before any weights load when a model folder lacks a part (config, weights,
+    tokenizer, a VL model's image processor config), with one line naming the folder, the
+    missing file(s) and the fix: otherwise the run dies minutes later deep in transformers."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_dir():
+        raise ModelNotFoundError(f"model path '{path}' does not exist (or is not a folder)")
+    checks = [_missing_config]
+    if weights:
+        checks.append(_missing_weights)
+    if processor:
+        checks += [_missing_tokenizer, _missing_chat_template, _missing_image_processor]
+    for check in checks:
+        problem = check(p)
+        if problem:
+            raise ModelNotFoundError(f"model folder '{p}' {problem}")
+
+
+def _missing_config(p: Path) -> str | None:
+    if (p / "config.json").exists():
+        return None
+    return (
+        "has no config.json: is it a Hugging Face model folder? Point model.name_or_path at the "
+        "folder that `model.save_pretrained` wrote"
+    )
+
+
+def _missing_weights(p: Path) -> str | None:
+    """No weight file, or a sharded checkpoint whose index names shards that are not there."""
+    found = [f for f in WEIGHT_FILES if (p / f).exists()]
+    if not found:
+        return (
+            f"has no weights ({', '.join(WEIGHT_FILES)}): save the model into it with "
+            "`model.save_pretrained(folder)` or copy the weight files from the original model"
+        )
+    index = next((f for f in found if f.endswith(".index.json")), None)
+    if index is None:
+        return None
+    shards = sorted(set(json.loads((p / index).read_text()).get("weight_map", {}).values()))
+    absent = [s for s in shards if not (p / s).exists()]
+    if absent:
+        return (
+            f"lacks the weight shard(s) {', '.join(absent)} that {index} lists: copy them from the "
+            "original model (an interrupted download or copy?)"
+        )
+    return None
+
+
+def _missing_tokenizer(p: Path) -> str | None:
+    if any(all((p / f).exists() for f in files) for files in TOKENIZER_FILES):
+        return None
+    return (
+        "has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): save them into it with "
+        "`processor.save_pretrained(folder)` (or `tokenizer.save_pretrained(folder)`) or copy them "
+        "from the base model"
+    )
+
+
+def _missing_chat_template(p: Path) -> str | None:
+    """Every prompt goes through the chat template, so a folder without one cannot be run."""
+    if _read_chat_template(p) is not None or "chat_template" in _read_json(p / "tokenizer_config.json"):
+        return None
+    return (
+        "has no chat template (chat_template.jinja, chat_template.json or chat_template in "
+        "tokenizer_config.json): copy chat_template.jinja from the instruct model it comes from"
+    )
+
+
+def _missing_image_processor(p: Path) -> str | None:
+    """A VL model needs its image processor's config: ``preprocessor_config.json`` (the hub's
+    and older transformers' layout) or an ``image_processor`` entry in ``processor_config.json``
+    (what transformers 5's ``processor.save_pretrained`` writes)."""
+    if "vision_config" not in _read_json(p / "config.json"):
+        return None
+    if (p / "preprocessor_config.json").exists() or "image_processor" in _read_json(p / "processor_config.json"):
+        return None
+    return (
+        "is a vision-language model but has no preprocessor_config.json (nor an image_processor entry "
+        "in processor_config.json): save the processor into it with `processor.save_pretrained(folder)` "
+        "or copy preprocessor_config.json from the base model"
+    )
+
+
+def _read_json(f: Path) -> dict:
+    """A JSON file's object, or ``{}`` when the file is absent."""
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _read_chat_template(p: Path) -> str | None:
+    """The chat template saved next to the tokenizer (transformers 5: ``chat_template.jinja``;
+    older processors: ``chat_template.json``), or None."""
+    if (p / "chat_template.jinja").exists():
+        return (p / "chat_template.jinja").read_text()
+    return _read_json(p / "chat_template.json").get("chat_template")
+
+
+# ------------------------------------------------------------------ tokenizer and processor
 def _is_vl_config(path: str) -> bool:
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(path)
-    return hasattr(cfg, "vision_config")
+    return hasattr(AutoConfig.from_pretrained(path), "vision_config")
 
 
 def load_processor(path: str):
-    """Processor for a VL model, falling back to an image-only processor when torchvision is
-    missing (transformers 5.x's AutoProcessor insists on a video processor); the tokenizer
-    for a text-only model. Padding is on the left for generation."""
+    """Processor for a VL model, the tokenizer for a text-only model (returned twice). Padding
+    is on the left for generation.
+
+    AutoProcessor is asked first and its answer checked, not trusted: without torchvision it
+    raises (Qwen2-VL's video processor needs it), and for a ``processor_class`` it does not know
+    it silently returns the bare tokenizer. Then the processor is built from its parts: the
+    tokenizer, the slow (PIL) image processor and the chat template."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     if not _is_vl_config(path):
+        _ensure_chat_template(tok, path)
         return tok, tok
-    try:
-        from transformers import AutoProcessor
-
-        proc = AutoProcessor.from_pretrained(path)
-    except Exception:
-        from transformers import AutoConfig, Qwen2_5_VLProcessor, Qwen2VLProcessor
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path)
-        cls = Qwen2_5_VLProcessor if AutoConfig.from_pretrained(path).model_type == "qwen2_5_vl" else Qwen2VLProcessor
-        proc = _image_only(cls)(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    proc = _auto_processor(path) or _processor_from_parts(path, tok)
     proc.tokenizer.padding_side = "left"
+    _ensure_chat_template(proc.tokenizer, path, getattr(proc, "chat_template", None))
     return proc, proc.tokenizer
 
 
+def _auto_processor(path: str):
+    """AutoProcessor's processor when it is a usable VL processor (an image processor and a
+    tokenizer), else None."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+    except Exception:  # e.g. ImportError: torchvision is missing
+        return None
+    if getattr(proc, "image_processor", None) is None or getattr(proc, "tokenizer", None) is None:
+        return None
+    return proc
+
+
+def _processor_from_parts(path: str, tok):
+    """A Qwen2-VL / Qwen2.5-VL processor built from the tokenizer, the slow (PIL) image
+    processor (which reads ``preprocessor_config.json`` or ``processor_config.json``, whatever
+    image processor class they name) and the chat template; no video processor."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in PROCESSOR_CLASSES:
+        raise ModelNotFoundError(
+            f"the processor of '{path}' (model_type {model_type}) could not be loaded with AutoProcessor "
+            f"and only {' / '.join(sorted(PROCESSOR_CLASSES))} processors can be built from their parts: "
+            "install torchvision, or check the folder's processor_config.json / preprocessor_config.json"
+        )
+    cls = getattr(transformers, PROCESSOR_CLASSES[model_type])
+    ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+    template = tok.chat_template or _read_chat_template(Path(path))
+    return _image_only(cls)(image_processor=ip, tokenizer=tok, chat_template=template)
+
+
+def _ensure_chat_template(tok, path: str, fallback: str | None = None) -> None:
+    """Prompts are rendered with ``tokenizer.apply_chat_template``: give the tokenizer the
+    processor's (or the folder's) chat template when it was saved apart from the tokenizer
+    (``chat_template.json``)."""
+    if tok.chat_template is None:
+        tok.chat_template = fallback or _read_chat_template(Path(path))
+
+
 def _image_only(cls):
-    """``cls`` (a Qwen2/2.5-VL processor) without its video processor, which needs torchvision."""
+    """``cls`` (a Qwen2/2.5-VL processor) without its video processor, which needs torchvision.
+    It keeps ``cls``'s name, so that ``save_pretrained`` writes a ``processor_class`` that
+    transformers knows (an unknown one makes AutoProcessor return the bare tokenizer)."""
     from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlyProcessor(cls):
@@ -119,13 +289,34 @@ def _image_only(cls):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    ImageOnlyProcessor.__name__ = f"ImageOnly{cls.__name__}"
+    ImageOnlyProcessor.__name__ = cls.__name__
+    ImageOnlyProcessor.__qualname__ = f"ImageOnly{cls.__name__}"
     return ImageOnlyProcessor
 
 
+# ------------------------------------------------------------------ bundle and weights
 def load_model_bundle(path: str) -> ModelBundle:
+    """Tokenizer, processor and special token ids of the model at ``path``; a local folder is
+    checked first (:func:`check_model_folder`), weights included, so that a run fails at start."""
+    if _looks_local(path):
+        check_model_folder(path)
     processor, tok = load_processor(path)
-    is_vl = processor is not tok
+    eos = _eos_token_ids(path, tok)
+    vocab = tok.get_vocab()
+    return ModelBundle(
+        path=path,
+        is_vl=processor is not tok,
+        processor=processor,
+        tokenizer=tok,
+        eos_token_ids=eos,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+        vision_token_ids=[vocab[t] for t in VISION_TOKENS if t in vocab],
+    )
+
+
+def _eos_token_ids(path: str, tok) -> list[int]:
+    """The generation config's end tokens, plus ``<|im_end|>`` and the tokenizer's eos: a
+    chat model ends its turn with ``<|im_end|>`` whatever its generation config says."""
     from transformers import GenerationConfig
 
     eos = []
@@ -138,23 +329,7 @@ def load_model_bundle(path: str) -> ModelBundle:
         i = tok.convert_tokens_to_ids(t) if t else None
         if i is not None and i != tok.unk_token_id and i not in eos:
             eos.append(i)
-    eos = [e for e in eos if e is not None]
-    vocab = tok.get_vocab()
-    vision = [
-        vocab[t]
-        for t in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-        if t in vocab
-    ]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    return ModelBundle(
-        path=path,
-        is_vl=is_vl,
-        processor=processor,
-        tokenizer=tok,
-        eos_token_ids=eos,
-        pad_token_id=pad,
-        vision_token_ids=vision,
-    )
+    return [e for e in eos if e is not None]
 
 
 def load_model(
@@ -167,18 +342,16 @@ def load_model(
     attn_implementation: str | None = "sdpa",
 ):
     """Policy (trainable) or frozen reference (``trainable=False``: eval mode, no grads)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype='{dtype}' is not supported; choose one of {sorted(DTYPES)}")
+    if _looks_local(path):
+        check_model_folder(path, processor=False)
     kw = dict(dtype=DTYPES[dtype])
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    cls = (
-        AutoModelForImageTextToText
-        if hasattr(AutoConfig.from_pretrained(path), "vision_config")
-        else AutoModelForCausalLM
-    )
+    cls = AutoModelForImageTextToText if _is_vl_config(path) else AutoModelForCausalLM
     model = cls.from_pretrained(path, **kw)
     if not trainable:
         model.eval()

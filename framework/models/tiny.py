@@ -4,6 +4,10 @@ classes, the tokenizer is a byte-level BPE trained here with Qwen2's own pre-tok
 the image processor is Qwen2-VL's (patch 14, temporal 2, merge 2), the chat template is
 Qwen2-VL's. Random weights (seeded); a supervised warm-start is in ``warmstart.py``.
 
+``tiny:KIND`` names resolve here (:func:`resolve_tiny`); variants built on top of a tiny model
+(``-sft``, in ``warmstart.py``) register themselves, so imports run one way:
+tiny <- loading <- warmstart.
+
 Built models are cached under ``$APO_RL_CACHE`` (default ``~/.cache/apo_rl``) and written
 atomically, so concurrent runs do not see half-written folders.
 """
@@ -14,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +34,6 @@ SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 # Qwen2-VL's chat template (images as <|vision_start|><|image_pad|><|vision_end|>).
 CHAT_TEMPLATE = (
@@ -247,3 +251,26 @@ def build_tiny(kind: str = "qwen2_5_vl", seed: int = 0, out_dir: str | Path | No
         tok.save_pretrained(tmp)
 
     return _atomic_dir(final, build)
+
+
+# ``tiny:KIND-NAME`` variants: NAME -> build(kind) -> folder. Filled by the modules that build
+# them (warmstart.py registers "sft"; ``framework/models/__init__.py`` imports it).
+_VARIANTS: dict[str, Callable[[str], Path]] = {}
+
+
+def register_variant(name: str, build: Callable[[str], Path]) -> None:
+    """Make ``tiny:KIND-NAME`` resolve to ``build(KIND)``. A module built on top of the tiny
+    models registers here instead of being imported by the loader, which keeps imports one way."""
+    _VARIANTS[name] = build
+
+
+def resolve_tiny(name: str) -> Path:
+    """Folder of the built-in tiny model ``tiny:KIND`` or ``tiny:KIND-VARIANT`` (built on first
+    use, then cached)."""
+    kind, _, variant = name.removeprefix("tiny:").partition("-")
+    if not variant:
+        return build_tiny(kind)
+    if variant not in _VARIANTS:
+        known = " or ".join([f"tiny:{kind}"] + [f"tiny:{kind}-{v}" for v in sorted(_VARIANTS)])
+        raise ValueError(f"unknown tiny model variant '{name}': use {known}")
+    return _VARIANTS[variant](kind)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from framework.models.tiny import TINY_VERSION, _atomic_dir, build_tiny, cache_root
+from framework.models.loading import load_model, load_model_bundle
+from framework.models.tiny import TINY_VERSION, _atomic_dir, build_tiny, cache_root, register_variant
 
 SFT_VERSION = "v1"
 DEFAULT_SYSTEM_PROMPT = None  # filled from the data config default (see configs/data/synthetic.yaml)
@@ -69,7 +70,6 @@ def build_warmstarted(
         from framework.data import load_data, to_record
         from framework.data.synthetic import reference_completion
         from framework.logprobs import completion_logprobs
-        from framework.models.loading import load_model, load_model_bundle
         from framework.rollout.inputs import completion_mask, encode_prompts, training_inputs
 
         bundle = load_model_bundle(str(base))
@@ -117,3 +117,6 @@ def build_warmstarted(
             bundle.processor.image_processor.save_pretrained(tmp)
 
     return _atomic_dir(final, build)
+
+
+register_variant("sft", build_warmstarted)  # tiny:KIND-sft
