@@ -216,12 +216,153 @@ class LoggerConfig:
         _choice(f"{p}.wandb_mode", self.wandb_mode, {"offline", "online", "disabled"})
 
 
+DEFAULT_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The assistant first thinks about the reasoning process "
+    "and then provides the answer. The reasoning process and answer are enclosed within <think> </think> "
+    "and <answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> "
+    "answer here </answer>."
+)
+_DATA_SCHEMA_FIELDS = ("id", "images", "question", "answer", "choices", "task", "difficulty", "metadata")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _str_or_str_list(key: str, value, *, none_ok: bool = True) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(x, str) for x in value)):
+        return
+    raise ConfigError(f"{key}={value!r} must be a string or a list of strings{' (or null)' if none_ok else ''}")
+
+
+@dataclass
+class DataConfig:
+    """``data``: the generic options (all sources) and those of the built-in tasks
+    (framework/data/: ``synthetic``, ``local``, ``hub`` and the benchmark adapters). A plugin
+    task with options of its own declares them as a dataclass ``Config`` attribute of its
+    function (``@TASKS.register("mine") def build(cfg): ...; build.Config = MyOptions``)."""
+
+    task: Optional[str] = None  # a name in framework.registry.TASKS
+    # ---- generic options (read by the trainer and benchmarks.evaluate)
+    max_prompt_tokens: int = 512  # longer prompts are invalid records
+    on_invalid: str = "skip"  # skip (drop and count them, every one in data_report.jsonl) | error (stop)
+    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+    question_template: str = "{question}"
+    max_image_bytes: int = 64 * 2**20  # image files above this size are refused unread
+    allow_absolute_paths: bool = False  # true: image paths may be absolute or lead out of the data folder
+    control_tokens: str = "error"  # chat control tokens (<|im_end|>, ...) in record text: error | escape
+    # ---- synthetic (framework/data/synthetic.py)
+    seed: int = 0  # synthetic: the generator's seed; local: the seed of the test_size hold-out split
+    train_size: int = 2000
+    test_size: Any = None  # synthetic: test records (null: 200); local: hold out this many (or this fraction)
+    difficulty: Any = field(default_factory=lambda: [1])  # a level or a list of levels (1, 2, 3)
+    kinds: Any = None  # a kind or a list (null: all)
+    modality: str = "image"  # image | text
+    # ---- local files (task: local)
+    path: Optional[str] = None
+    split_files: dict[str, Any] = field(default_factory=dict)
+    # ---- hub datasets (task: hub and the benchmark adapters)
+    hub_id: Optional[str] = None
+    config_name: Any = None  # a config name or a list of them (concatenated)
+    revision: Optional[str] = None
+    splits: dict[str, Optional[str]] = field(default_factory=dict)  # empty: {train: train, test: test}
+    # ---- local and hub
+    field_map: dict[str, Optional[str]] = field(default_factory=dict)
+    metadata_columns: list[str] = field(default_factory=list)
+    task_name: Optional[str] = None
+
+    def validate(self, p: str) -> None:
+        if not _is_int(self.max_prompt_tokens) or self.max_prompt_tokens <= 0:
+            raise ConfigError(f"{p}.max_prompt_tokens={self.max_prompt_tokens!r} must be > 0")
+        if not _is_int(self.max_image_bytes) or self.max_image_bytes <= 0:
+            raise ConfigError(f"{p}.max_image_bytes={self.max_image_bytes!r} must be > 0 (bytes)")
+        _choice(f"{p}.on_invalid", self.on_invalid, {"skip", "error"})
+        _choice(f"{p}.control_tokens", self.control_tokens, {"error", "escape"})
+        _choice(f"{p}.modality", self.modality, {"image", "text"})
+        try:
+            self.question_template.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"{p}.question_template={self.question_template!r} is not a valid template ({type(e).__name__}: {e}); "
+                "it may use only {question} (write literal braces as {{ }})"
+            ) from None
+        if "{question}" not in self.question_template:
+            raise ConfigError(f"{p}.question_template={self.question_template!r} must contain {{question}}")
+        _positive(f"{p}.seed", self.seed, zero_ok=True)
+        _positive(f"{p}.train_size", self.train_size, zero_ok=True)
+        if self.test_size is not None and (
+            isinstance(self.test_size, bool) or not isinstance(self.test_size, (int, float)) or self.test_size < 0
+        ):
+            raise ConfigError(f"{p}.test_size={self.test_size!r} must be a number >= 0 (a count or a fraction) or null")
+        if self.task == "synthetic":
+            self._validate_synthetic(p)
+        if self.task == "local" and not self.path:
+            raise ConfigError(f"{p}.path must be set for {p}.task=local: a data file or a folder (data.path=/data/dir)")
+        if self.task == "hub" and not self.hub_id:
+            raise ConfigError(f"{p}.hub_id must be set for {p}.task=hub (e.g. data.hub_id=lmms-lab/MathVista)")
+        for k, v in self.split_files.items():
+            _str_or_str_list(f"{p}.split_files.{k}", v, none_ok=False)
+        _str_or_str_list(f"{p}.config_name", self.config_name)
+        bad = [k for k in self.field_map if k not in _DATA_SCHEMA_FIELDS]
+        if bad:
+            raise ConfigError(
+                f"{p}.field_map.{bad[0]} is not a schema field; schema fields: {', '.join(_DATA_SCHEMA_FIELDS)}"
+            )
+
+    def _validate_synthetic(self, p: str) -> None:
+        from framework.data.synthetic import GRID_SIZE, KINDS
+
+        levels = self.difficulty if isinstance(self.difficulty, list) else [self.difficulty]
+        if not levels or any(not _is_int(d) or d not in GRID_SIZE for d in levels):
+            raise ConfigError(f"{p}.difficulty={self.difficulty!r}: choose levels from {sorted(GRID_SIZE)}")
+        if self.kinds is not None:
+            kinds = self.kinds if isinstance(self.kinds, list) else [self.kinds]
+            if not kinds or any(k not in KINDS for k in kinds):
+                raise ConfigError(f"{p}.kinds={self.kinds!r}: choose kinds from {list(KINDS)}")
+        if self.test_size is not None and not _is_int(self.test_size):
+            raise ConfigError(f"{p}.test_size={self.test_size!r} must be an integer count for {p}.task=synthetic")
+
+    @classmethod
+    def check_config(cls, cfg: dict, prefix: str = "data") -> DataConfig:
+        """The typed ``data`` section: :func:`check_section`, with a plugin task's own options
+        (its ``Config``) checked by that dataclass, and an unset ``???`` value named."""
+        cfg = dict(cfg or {})
+        for k, v in cfg.items():
+            if isinstance(v, str) and v == "???":
+                raise ConfigError(f"{prefix}.{k} is not set; give it on the command line ({prefix}.{k}=...)")
+        extra = _task_options(cfg.get("task"))
+        if extra is not None:
+            own = {f.name for f in fields(cls)}
+            mine = {k: v for k, v in cfg.items() if k not in own}
+            check_section(mine, extra, prefix)
+            cfg = {k: v for k, v in cfg.items() if k in own}
+        return check_section(cfg, cls, prefix)
+
+
+def _task_options(task) -> Optional[type]:
+    """The options dataclass (``Config``) a registered plugin task declares, if any."""
+    if not isinstance(task, str) or not task:
+        return None
+    from framework.registry import TASKS
+
+    try:
+        if task not in TASKS:
+            return None
+        schema = getattr(TASKS.get(task), "Config", None)
+    except Exception:  # an unknown or broken task is reported by the task lookup itself
+        return None
+    return schema if is_dataclass(schema) else None
+
+
 SECTIONS = {
     "model": ModelConfig,
     "rollout": RolloutConfig,
     "optim": OptimConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
+    "data": DataConfig,
 }
 
 
@@ -260,7 +401,8 @@ def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
             section = OmegaConf.to_container(cfg[name], resolve=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad value in '{name}': {str(e).splitlines()[0]}") from None
-        out[name] = check_section(section, schema, name)
+        checker = getattr(schema, "check_config", None)
+        out[name] = checker(section, name) if checker is not None else check_section(section, schema, name)
     out["trainer"].precision = resolve_precision(out["model"], out["trainer"])
     return out
 

@@ -19,7 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, canonical_dtype, validate_run_config
+from framework.loggers import make_loggers
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +82,49 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     engine_cls = ROLLOUT_ENGINES.get(sections["rollout"].engine)
     if hasattr(engine_cls, "check_available"):  # e.g. vLLM not installed: say how, before any model loads
         engine_cls.check_available()
+    from framework.recipes import recipe_note
+
+    note = recipe_note(cfg)
+    if note:  # the algorithm's published recipe, and where this run departs from it
+        log.info("apo-rl: %s", note)
     task = cfg.data.get("task")
     if task not in ("local", "hub") and task not in TASKS:
         TASKS.get(task)  # raises with the list of registered tasks
     return {"sections": sections, "algorithm": algorithm, "rewards": rewards}
 
 
-def _loggers(cfg, sections, out: Path):
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+def continue_run(cfg: DictConfig):
+    """``resume=`` continues the stored run (framework/checkpoint.py :func:`resume_config`): its
+    config, its output folder, its W&B run; overrides are checked against what may change on
+    resume. Returns the config to run and the checkpoint's :class:`RunInfo` (None: a new run)."""
+    from framework.checkpoint import explicit_overrides, resume_config
 
-    lg = sections["logger"]
-    loggers = []
-    if lg.csv:
-        loggers.append(CSVLogger(save_dir=str(out), name="", version="csv"))
-    if lg.wandb and lg.wandb_mode != "disabled":
-        os.environ.setdefault("WANDB_MODE", lg.wandb_mode)
-        os.environ["WANDB_MODE"] = lg.wandb_mode
-        os.environ.setdefault("WANDB_SILENT", "true")
-        flat = OmegaConf.to_container(cfg, resolve=True)
-        flat.pop("hydra", None)
-        loggers.append(
-            WandbLogger(
-                project=lg.project, group=lg.group, name=lg.name, tags=list(lg.tags), save_dir=str(out), config=flat
-            )
-        )
-    return loggers
+    if not cfg.get("resume"):
+        return cfg, None
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    explicit = explicit_overrides(cfg, _default_config(), hydra_overrides)
+    raw_out = OmegaConf.to_container(cfg, resolve=False).get("output_dir")
+    if hydra_overrides is not None:
+        if any(o.split("=", 1)[0] in ("output_dir", "hydra.run.dir") for o in hydra_overrides):
+            explicit["output_dir"] = str(cfg.output_dir)
+    elif raw_out and "${" not in str(raw_out):
+        explicit["output_dir"] = str(raw_out)
+    merged, info, d = resume_config(cfg, explicit)
+    log.info("apo-rl: resuming %s (RL step %s) into %s", d, info.rl_step if info else "?", merged.output_dir)
+    return merged, info
+
+
+def _default_config() -> DictConfig:
+    """The config composed without any override (what ``python -m framework.run`` runs)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("config")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config")
 
 
 def _launch_rank() -> int:
@@ -112,6 +133,27 @@ def _launch_rank() -> int:
         if os.environ.get(k, "").isdigit():
             return int(os.environ[k])
     return 0
+
+
+REAL_SIZE_PARAMS = 100_000_000  # above this, training on a CPU is a mistake unless asked for by name
+
+
+def _check_device_for_model(path: str, s: dict) -> None:
+    """A real-size model with ``trainer.accelerator=auto`` on a machine without a GPU stops here,
+    before any weight loads (it would train on the CPU for days)."""
+    if s["trainer"].accelerator != "auto" or torch.cuda.is_available():
+        return
+    from transformers import AutoConfig
+
+    from framework.memory import count_params
+
+    n = count_params(AutoConfig.from_pretrained(path)).total
+    if n > REAL_SIZE_PARAMS:
+        raise ConfigError(
+            f"model.name_or_path={s['model'].name_or_path} has {n / 1e9:.2f}B parameters and this machine has no GPU "
+            "(trainer.accelerator=auto): run on a GPU machine (a paper's whole recipe: experiment=view_r1_3b, "
+            "configs/experiment/), or set trainer.accelerator=cpu to train on the CPU anyway"
+        )
 
 
 def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
@@ -139,27 +181,53 @@ def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
 def train(cfg: DictConfig) -> RunResult:
     import lightning as L
 
-    from framework.checkpoint import RLCheckpoint, resolve_resume
-    from framework.data import load_data, to_record
-    from framework.data.validation import validate_records
+    from framework.checkpoint import RLCheckpoint, plain, resolve_resume
+    from framework.data import REPORT_NAME, control_token_list, prepare_data, to_record
     from framework.distributed import make_strategy
     from framework.models.loading import DTYPES, load_model, load_model_bundle, resolve_path
     from framework.module import RLModule
     from framework.rollout.inputs import encode_prompts
 
+    cfg, info = continue_run(cfg)  # resume=: the stored run's config, before anything else
     early = check_early(cfg)
     s = early["sections"]
     algorithm, rewards = early["algorithm"], early["rewards"]
     out = Path(cfg.get("output_dir") or "outputs/run").resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_resume(cfg.get("resume"), s["trainer"].strategy)
+    run_config = plain(cfg)
+    wandb_id = info.wandb_id if info and info.wandb_id else None
+    if wandb_id is None and s["logger"].wandb and s["logger"].wandb_mode != "disabled":
+        from framework.loggers import new_wandb_id
+
+        wandb_id = new_wandb_id()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(False)
 
     # ---- model + processor
     path = resolve_path(s["model"].name_or_path)
+    _check_device_for_model(path, s)
     _print_memory_budget(path, s, algorithm, cfg)
     bundle = load_model_bundle(path)
+    # ---- data (checked record by record with the tokenizer only, before any weight loads;
+    # every problem goes to <run>/data_report.jsonl; nothing dropped silently)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    sysp, qt = data_cfg.get("system_prompt"), data_cfg.get("question_template", "{question}")
+
+    def count_tokens(rec: dict) -> int:
+        return int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1])
+
+    splits, _ = prepare_data(
+        data_cfg,
+        count_prompt_tokens=count_tokens,
+        special_tokens=control_token_list(bundle),
+        report_path=out / REPORT_NAME if _launch_rank() == 0 else None,
+        splits=("train", "test"),
+    )
+    if "train" not in splits:
+        raise ConfigError(f"data has no 'train' split (splits: {list(splits)}): point data at a source with one")
+
+    # ---- policy (trained) and frozen reference
     m = s["model"]
     # the policy is loaded in the master dtype (fp32 by default: AdamW steps fp32 weights, and
     # Lightning's bf16-mixed / FSDP's MixedPrecisionPolicy computes in model.dtype); the frozen
@@ -178,28 +246,6 @@ def train(cfg: DictConfig) -> RunResult:
         else None
     )
 
-    # ---- data (checked record by record; nothing dropped silently)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    ds = load_data(data_cfg)
-    sysp, qt = data_cfg.get("system_prompt"), data_cfg.get("question_template", "{question}")
-
-    def count_tokens(rec: dict) -> int:
-        return int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1])
-
-    splits = {}
-    for split in ("train", "test"):
-        if split not in ds:
-            continue
-        checked, report = validate_records(
-            ds[split],
-            count_prompt_tokens=count_tokens,
-            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
-            on_invalid=data_cfg.get("on_invalid", "error"),
-            split=split,
-        )
-        splits[split] = checked
-    if "train" not in splits:
-        raise ConfigError(f"data has no 'train' split (splits: {list(ds)})")
     train_ds = splits["train"]
     eval_records = (
         [to_record(splits["test"][i]) for i in range(min(s["trainer"].eval_size, len(splits["test"])))]
@@ -245,6 +291,8 @@ def train(cfg: DictConfig) -> RunResult:
         every=t.save_every,
         bundle=bundle,
         export_dtype=DTYPES[export] if export != canonical_dtype(m.master_dtype) else None,
+        run_config=run_config,
+        wandb_id=wandb_id,
     )
     trainer = L.Trainer(
         max_steps=t.max_steps * module.updates_per_step,
@@ -253,7 +301,9 @@ def train(cfg: DictConfig) -> RunResult:
         num_nodes=t.num_nodes,
         strategy=make_strategy(t),
         precision=t.precision,
-        logger=_loggers(cfg, s, out),
+        logger=make_loggers(
+            s["logger"], run_config, out, wandb_id=wandb_id, resumed_step=info.rl_step if info else None
+        ),
         callbacks=[ckpt_cb],
         log_every_n_steps=t.log_every,
         enable_checkpointing=False,

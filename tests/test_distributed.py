@@ -164,11 +164,16 @@ def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path):
     from framework.checkpoint import resolve_resume
     from framework.config import ConfigError
 
+    from framework.checkpoint import write_marker
+
     d = tmp_path / "step-000002" / "state.ckpt"
     d.mkdir(parents=True)
     (d / "meta.pt").write_bytes(b"")
+    (tmp_path / "step-000002" / "policy").mkdir()
+    (tmp_path / "step-000002" / "policy" / "config.json").write_text("{}")
+    write_marker(tmp_path / "step-000002")  # a complete checkpoint (resume refuses incomplete ones)
     with pytest.raises(ConfigError, match="trainer=fsdp"):
         resolve_resume(tmp_path / "step-000002", "ddp")
     assert resolve_resume(tmp_path / "step-000002", "fsdp") == str(d)
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no such file"):
         resolve_resume(tmp_path / "nothing", "fsdp")

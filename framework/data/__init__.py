@@ -10,25 +10,47 @@ from . import (
     synthetic,  # noqa: F401  (registers the "synthetic" task)
 )
 from .loading import load_data, load_hub, load_local, prepare_data, resolve_columns
-from .schema import COLUMNS, FEATURES, IMAGE_PLACEHOLDER, choice_letters, decode_image, to_record
+from .schema import (
+    COLUMNS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    FEATURES,
+    IMAGE_PLACEHOLDER,
+    choice_letters,
+    decode_image,
+    read_image_file,
+    to_record,
+)
 from .synthetic import reference_completion
-from .validation import DataError, ValidationReport, check_record, validate_records
+from .validation import (
+    REPORT_NAME,
+    DataError,
+    ValidationReport,
+    check_record,
+    control_token_list,
+    validate_records,
+    write_report,
+)
 
 __all__ = [
     "COLUMNS",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "FEATURES",
     "IMAGE_PLACEHOLDER",
+    "REPORT_NAME",
     "DataError",
     "ValidationReport",
     "check_record",
     "choice_letters",
+    "control_token_list",
     "decode_image",
     "load_data",
     "load_hub",
     "load_local",
     "prepare_data",
+    "read_image_file",
     "reference_completion",
     "resolve_columns",
     "to_record",
     "validate_records",
+    "write_report",
 ]

@@ -15,14 +15,26 @@ unmapped fields use the column of the same name when present (``images`` also tr
 ``image``). ``metadata_columns`` copies further columns into ``metadata``. For multiple-choice
 rows whose answer is the text of one of the choices, the answer becomes that choice's letter
 (the text is kept in ``metadata.answer_text``).
+
+Nothing a record holds stops loading: each row keeps where it came from (file and line, or
+row) and the problems found while reading it (a line that is not a JSON object, not UTF-8 or
+not JSON; a value of the wrong type - ``question`` a list, ``answer`` a dict or a list of
+several, ``difficulty`` not an integer, ``images``/``choices`` a number -; an image path
+outside the data folder, absolute or through ``..``, unless ``allow_absolute_paths``) in
+``metadata[SOURCE_KEY]``; :mod:`framework.data.validation` reports them with the rest
+(:func:`prepare_data` writes them all to the run's ``data_report.jsonl``). A refused image
+path is not stored.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import io
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -34,8 +46,19 @@ from datasets import Dataset, DatasetDict
 
 from framework.registry import TASKS
 
-from .schema import COLUMNS, FEATURES, cfg_get, choice_letters, encode_metadata, to_plain
-from .validation import DataError, ValidationReport, validate_records
+from .schema import (
+    COLUMNS,
+    DEFAULT_MAX_IMAGE_BYTES,
+    FEATURES,
+    SOURCE_KEY,
+    cfg_get,
+    choice_letters,
+    encode_metadata,
+    to_plain,
+)
+from .validation import DataError, ValidationReport, apply_policy, check_split, write_report
+
+log = logging.getLogger(__name__)
 
 DATA_EXTS = (".jsonl", ".json", ".parquet")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -60,22 +83,68 @@ def load_data(cfg: Any) -> DatasetDict:
 
 
 def prepare_data(
-    cfg: Any, count_prompt_tokens: Callable[[dict], int] | None = None
+    cfg: Any,
+    count_prompt_tokens: Callable[[dict], int] | None = None,
+    *,
+    special_tokens: Iterable[str] | None = None,
+    report_path: str | os.PathLike | None = None,
+    splits: Iterable[str] | None = None,
 ) -> tuple[DatasetDict, dict[str, ValidationReport]]:
-    """``load_data`` then ``validate_records`` on every split with the generic data options
-    (``max_prompt_tokens``, ``on_invalid``)."""
-    dsd = load_data(cfg)
-    reports = {}
-    out = {}
+    """``load_data`` then every record of every split (or of ``splits``) checked with the
+    generic data options (``max_prompt_tokens``, ``on_invalid``, ``max_image_bytes``,
+    ``control_tokens``); ``special_tokens``: the tokenizer's control tokens
+    (:func:`~framework.data.validation.control_token_list`). With ``report_path`` (the run's
+    ``data_report.jsonl``) every problem of every split is written there before anything is
+    skipped or raised (a file-level error too); the console summaries name the file."""
+    try:
+        dsd = load_data(cfg)
+    except DataError as e:
+        if report_path is not None:
+            write_report(report_path, [], errors=[str(e)])
+        raise
+    wanted = None if splits is None else set(splits)
+    on_invalid = str(cfg_get(cfg, "on_invalid", "skip"))
+    checked: dict[str, tuple[Dataset, ValidationReport]] = {}
     for split, ds in dsd.items():
-        out[split], reports[split] = validate_records(
+        if wanted is not None and split not in wanted:
+            continue
+        checked[split] = check_split(
             ds,
             count_prompt_tokens=count_prompt_tokens,
             max_prompt_tokens=int(cfg_get(cfg, "max_prompt_tokens", 512)),
-            on_invalid=str(cfg_get(cfg, "on_invalid", "skip")),
+            on_invalid=on_invalid,
             split=split,
+            max_image_bytes=int(cfg_get(cfg, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
+            control_tokens=str(cfg_get(cfg, "control_tokens", "error")),
+            special_tokens=special_tokens,
         )
+    reports = {split: rep for split, (_, rep) in checked.items()}
+    if report_path is not None:
+        write_report(report_path, reports.values())
+    _warn_shared_ids(checked)
+    out, errors = {}, []
+    for split, (ds, rep) in checked.items():
+        try:
+            out[split] = apply_policy(ds, rep)
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise DataError(" | ".join(errors))
     return DatasetDict(out), reports
+
+
+def _warn_shared_ids(checked: Mapping[str, tuple[Dataset, ValidationReport]]) -> None:
+    """Warn when a test record has the id of a train record (a likely leak between the splits)."""
+    if "train" not in checked or "test" not in checked:
+        return
+    ids = {s: set(checked[s][0].with_format("arrow")["id"].to_pylist()) for s in ("train", "test")}
+    shared = sorted(ids["train"] & ids["test"])
+    if shared:
+        log.warning(
+            "%d id(s) occur in both the train and the test split (e.g. %s): check the data for a leak",
+            len(shared),
+            ", ".join(shared[:5]),
+        )
 
 
 def conform(ds: Dataset, task: str, split: str) -> Dataset:
@@ -149,22 +218,77 @@ def _check_metadata_columns(cols: Iterable[str], available: list[str], source: s
 
 
 # ----------------------------------------------------------------------------- values
+# Every value of a source row is checked for its type here, where the source's types are still
+# visible (FEATURES stores strings): a problem never raises, it is recorded in the row's
+# metadata[SOURCE_KEY]["problems"] with the row's file and line, and validation reports it.
 _DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.I)
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+_INT32 = (-(2**31), 2**31 - 1)
+_BYTES = (bytes, bytearray, memoryview)
+IMAGE_FORMS = "a path, bytes, a base64 data URI or a {bytes, path} dict"
 
 
-def _image_value(value: Any, base_dir: Path | None) -> dict | None:
-    """One image in any accepted form -> ``{"bytes", "path"}`` (None when missing)."""
+def _describe(value: Any) -> str:
+    """``list ['What', 'color?']``: the type and a short repr, for problem messages."""
+    r = repr(value)
+    return f"{type(value).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+def _unicode_ok(field: str, value: str, problems: list[str]) -> str:
+    """``value`` if it can be stored (UTF-8 encodable: no unpaired surrogates such as a JSON
+    ``"\\ud800"``), else ``""`` and a problem."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        problems.append(f"{field} holds invalid Unicode (an unpaired surrogate at character {e.start})")
+        return ""
+    return value
+
+
+def _text(field: str, value: Any, problems: list[str], *, numbers: bool = False) -> str:
+    """A string field (``numbers``: a finite int/float is written as text too)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return _unicode_ok(field, value, problems)
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{field} is {value!r}, not a finite number")
+            return ""
+        return str(value)
+    problems.append(f"{field} must be a string{' or a number' if numbers else ''}, not {_describe(value)}")
+    return ""
+
+
+def _image_value(
+    value: Any,
+    base_dir: Path | None,
+    j: int = 0,
+    problems: list[str] | None = None,
+    allow_absolute_paths: bool = False,
+    root_dir: Path | None = None,
+) -> dict | None:
+    """One image in any accepted form -> ``{"bytes", "path"}`` (None when missing or refused:
+    a refused path is never stored, so that nothing opens it)."""
+    problems = [] if problems is None else problems
     if value is None:
         return None
     if isinstance(value, Mapping):
         data, path = value.get("bytes"), value.get("path")
+        if data is not None and not isinstance(data, _BYTES):
+            problems.append(f"image {j} bytes must be bytes, not {_describe(data)}")
+            return None
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            problems.append(f"image {j} path must be a string, not {_describe(path)}")
+            return None
         if data is None and not path:
             return None
         if data is None:
-            return {"bytes": None, "path": _resolve_path(path, base_dir)}
-        return {"bytes": bytes(data), "path": path}
-    if isinstance(value, (bytes, bytearray, memoryview)):
+            resolved = _safe_path(path, base_dir, j, problems, allow_absolute_paths, root_dir)
+            return None if resolved is None else {"bytes": None, "path": resolved}
+        path = _unicode_ok(f"image {j} path", str(path), problems) if path is not None else None
+        return {"bytes": bytes(data), "path": path or None}
+    if isinstance(value, _BYTES):
         return {"bytes": bytes(value), "path": None}
     if isinstance(value, (str, os.PathLike)):
         s = str(value).strip()
@@ -182,8 +306,9 @@ def _image_value(value: Any, base_dir: Path | None) -> dict | None:
                     return {"bytes": data, "path": None}
             except (binascii.Error, ValueError):
                 pass
-        return {"bytes": None, "path": _resolve_path(s, base_dir)}
-    try:  # PIL image or numpy array
+        resolved = _safe_path(s, base_dir, j, problems, allow_absolute_paths, root_dir)
+        return None if resolved is None else {"bytes": None, "path": resolved}
+    try:  # a PIL image
         import PIL.Image
 
         if isinstance(value, PIL.Image.Image):
@@ -192,7 +317,54 @@ def _image_value(value: Any, base_dir: Path | None) -> dict | None:
             return {"bytes": buf.getvalue(), "path": None}
     except ImportError:  # pragma: no cover
         pass
-    raise DataError(f"cannot interpret an image given as {type(value).__name__}")
+    problems.append(f"image {j} must be {IMAGE_FORMS}, not {_describe(value)}")
+    return None
+
+
+def _inside(p: Path, base: Path) -> bool:
+    p = os.path.normpath(str(p))
+    for b in {os.path.normpath(str(base)), os.path.realpath(str(base))}:
+        if p == b or p.startswith(b.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _safe_path(
+    path: Any,
+    base_dir: Path | None,
+    j: int,
+    problems: list[str],
+    allow_absolute_paths: bool,
+    root_dir: Path | None = None,
+) -> str | None:
+    """The path of image ``j`` resolved against ``base_dir`` (the data file's folder), or None
+    and a problem: a path that lies outside the data folder ``root_dir`` (default ``base_dir``),
+    absolute or through ``..``, is refused unless ``data.allow_absolute_paths=true``. The check
+    is on the path as written (normalised); links inside the data folder are followed."""
+    raw = _unicode_ok(f"image {j} path", str(path), problems)
+    if not raw:
+        return None
+    root = root_dir if root_dir is not None else base_dir
+    allow = " (or set data.allow_absolute_paths=true)"
+    p = Path(raw).expanduser()
+    if p.is_absolute():
+        full = p
+    elif base_dir is not None:
+        full = base_dir / p
+    elif allow_absolute_paths:
+        return raw  # relative to the working directory, as asked
+    else:
+        problems.append(
+            f"image {j} path {raw!r} is relative but this data source has no folder to resolve it against{allow}"
+        )
+        return None
+    full = Path(os.path.normpath(str(full)))
+    if allow_absolute_paths or (root is not None and _inside(full, root)):
+        return str(full)
+    where = f"the data folder {root}" if root is not None else "a data folder"
+    why = "is absolute" if p.is_absolute() else "leads out of the data folder"
+    problems.append(f"image {j} path {raw!r} {why}; image paths must be relative to {where}{allow}")
+    return None
 
 
 def _resolve_path(path: Any, base_dir: Path | None) -> str:
@@ -202,15 +374,35 @@ def _resolve_path(path: Any, base_dir: Path | None) -> str:
     return str(p)
 
 
-def _images(value: Any, base_dir: Path | None) -> list:
+def _images(
+    value: Any,
+    base_dir: Path | None,
+    problems: list[str] | None = None,
+    allow_absolute_paths: bool = False,
+    root_dir: Path | None = None,
+) -> list:
+    problems = [] if problems is None else problems
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
-        return [_image_value(v, base_dir) for v in value]
-    return [_image_value(value, base_dir)]
+        return [_image_value(v, base_dir, j, problems, allow_absolute_paths, root_dir) for j, v in enumerate(value)]
+    if isinstance(value, (str, os.PathLike, Mapping, *_BYTES)) or type(value).__module__.startswith("PIL"):
+        return [_image_value(value, base_dir, 0, problems, allow_absolute_paths, root_dir)]
+    problems.append(f"images must be an image ({IMAGE_FORMS}) or a list of them, not {_describe(value)}")
+    return []
 
 
-def _choices(value: Any) -> list[str]:
+def _choice(j: int, value: Any, problems: list[str]) -> str:
+    if isinstance(value, str):
+        return _unicode_ok(f"choice {j}", value, problems)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    problems.append(f"choice {j} must be a string or a number, not {_describe(value)}")
+    return ""
+
+
+def _choices(value: Any, problems: list[str] | None = None) -> list[str]:
+    problems = [] if problems is None else problems
     if value is None:
         return []
     if isinstance(value, str):
@@ -219,12 +411,38 @@ def _choices(value: Any) -> list[str]:
             return []
         try:
             parsed = json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
-        return [str(c) for c in parsed] if isinstance(parsed, list) else [value]
+        if isinstance(parsed, list):
+            return [_choice(j, c, problems) for j, c in enumerate(parsed)]
+        return [_unicode_ok("choice 0", value, problems)]
     if isinstance(value, Mapping):  # e.g. {"A": "...", "B": "..."}
-        return [str(v) for _, v in sorted(value.items())]
-    return [str(c) for c in value]
+        try:
+            items = sorted(value.items())
+        except TypeError:
+            items = list(value.items())
+        return [_choice(j, v, problems) for j, (_, v) in enumerate(items)]
+    if isinstance(value, (list, tuple)):
+        return [_choice(j, c, problems) for j, c in enumerate(value)]
+    problems.append(f"choices must be a list of strings, not {_describe(value)}")
+    return []
+
+
+def _difficulty(value: Any, problems: list[str]) -> int:
+    if value is None or value == "":
+        return 0
+    integral = isinstance(value, float) and value.is_integer()
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif integral or (isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value)):
+        n = int(value)
+    else:
+        problems.append(f"difficulty must be an integer, not {_describe(value)}")
+        return 0
+    if not _INT32[0] <= n <= _INT32[1]:
+        problems.append(f"difficulty {n} is out of range (a 32-bit integer)")
+        return 0
+    return n
 
 
 def _metadata(value: Any) -> dict:
@@ -236,13 +454,13 @@ def _metadata(value: Any) -> dict:
         try:
             out = json.loads(value)
             return out if isinstance(out, dict) else {"value": out}
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"value": value}
     return {"value": value}
 
 
 def convert_row(
-    row: Mapping[str, Any],
+    row: Any,
     columns: Mapping[str, str | None],
     *,
     index: int,
@@ -250,19 +468,34 @@ def convert_row(
     default_task: str,
     id_prefix: str,
     metadata_columns: Iterable[str] = (),
+    source: Mapping[str, Any] | None = None,
+    allow_absolute_paths: bool = False,
+    root_dir: Path | None = None,
+    problems: list[str] | None = None,
 ) -> dict:
-    """A source row -> a FEATURES row (images as ``{"bytes", "path"}`` dicts)."""
+    """A source row -> a FEATURES row (images as ``{"bytes", "path"}`` dicts).
+
+    Never raises for a bad value: the problems (wrong types, a row that is not an object,
+    refused image paths, ...) and ``source`` (``{"file", "line"|"row"}``) are stored under
+    ``metadata[SOURCE_KEY]``, where :func:`~framework.data.validation.validate_records` reports
+    them."""
+    problems = [] if problems is None else list(problems)
+    unreadable = not isinstance(row, Mapping)
+    if unreadable:
+        if not problems:
+            problems.append(f"the record is a JSON {_json_kind(row)}, not an object of fields (question, answer, ...)")
+        row = {}
 
     def get(field):
         col = columns.get(field)
         return row.get(col) if col is not None else None
 
-    question = get("question")
     answer = get("answer")
     if isinstance(answer, (list, tuple)) and len(answer) == 1:
         answer = answer[0]
-    answer = "" if answer is None else str(answer)
-    choices = _choices(get("choices"))
+    answer = _text("answer", answer, problems, numbers=True)
+    question = _text("question", get("question"), problems)
+    choices = _choices(get("choices"), problems)
     meta = _metadata(get("metadata"))
     for c in metadata_columns:
         meta[c] = row.get(c)
@@ -271,32 +504,74 @@ def convert_row(
         meta.setdefault("answer_text", answer)
         answer = letters[[c.strip() for c in choices].index(answer.strip())]
     rid = get("id")
-    try:
-        difficulty = int(get("difficulty") or 0)
-    except (TypeError, ValueError):
-        difficulty = 0
+    if isinstance(rid, bool) or not (rid is None or isinstance(rid, (str, int))):
+        problems.append(f"id must be a string or an integer, not {_describe(rid)}")
+        rid = None
+    elif isinstance(rid, str):
+        rid = _unicode_ok("id", rid, problems)
+    task = get("task")
+    if task is not None and not isinstance(task, str):
+        problems.append(f"task must be a string, not {_describe(task)}")
+        task = None
+    elif isinstance(task, str):
+        task = _unicode_ok("task", task, problems)
+    difficulty = _difficulty(get("difficulty"), problems)
+    images = _images(get("images"), base_dir, problems, allow_absolute_paths, root_dir)
+    meta = json.loads(json.dumps(meta, default=str))
+    if source or problems:
+        meta[SOURCE_KEY] = {
+            **(source or {}),
+            **({"problems": problems} if problems else {}),
+            **({"unreadable": True} if unreadable else {}),
+        }
     return {
         "id": f"{id_prefix}-{index}" if rid is None or rid == "" else str(rid),
-        "images": _images(get("images"), base_dir),
-        "question": "" if question is None else str(question),
+        "images": images,
+        "question": question,
         "answer": answer,
         "choices": choices,
-        "task": str(get("task") or default_task),
+        "task": str(task or default_task),
         "difficulty": difficulty,
-        "metadata": encode_metadata(json.loads(json.dumps(meta, default=str))),
+        "metadata": encode_metadata(meta),
     }
 
 
-def _from_rows(rows: list[dict], source: str, **kw) -> Dataset:
-    available = sorted({k for r in rows for k in r}) if rows else []
-    columns = resolve_columns(available, kw.pop("field_map"), source)
-    meta_cols = _check_metadata_columns(kw.pop("metadata_columns"), available, source)
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+class _Unreadable:
+    """A source line that could not be read as a record (bad encoding, bad JSON)."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _from_rows(rows: list[tuple[dict, Any]], source: str, **kw) -> Dataset:
+    """``rows``: ``(location, value)`` pairs, ``value`` a record dict, any other JSON value or
+    an :class:`_Unreadable`; every one becomes a row (problems stored for validation)."""
+    dict_rows = [r for _, r in rows if isinstance(r, Mapping)]
+    available = sorted({str(k) for r in dict_rows for k in r})
+    if dict_rows:
+        columns = resolve_columns(available, kw.pop("field_map"), source)
+        meta_cols = _check_metadata_columns(kw.pop("metadata_columns"), available, source)
+    else:  # nothing but malformed lines: each is reported by validation
+        kw.pop("field_map"), kw.pop("metadata_columns")
+        columns, meta_cols = {f: f for f in FEATURES}, []
     cols = {name: [] for name in FEATURES}
-    for i, r in enumerate(rows):
-        rec = convert_row(r, columns, index=i, metadata_columns=meta_cols, **kw)
+    for i, (loc, r) in enumerate(rows):
+        pre = [r.problem] if isinstance(r, _Unreadable) else []
+        rec = convert_row(
+            None if pre else r, columns, index=i, metadata_columns=meta_cols, source=loc, problems=pre, **kw
+        )
         for name in FEATURES:
             cols[name].append(rec[name])
-    return Dataset.from_dict(cols, features=FEATURES)
+    try:
+        return Dataset.from_dict(cols, features=FEATURES)
+    except Exception as e:  # the checks above should make this unreachable; name the file if not
+        raise DataError(f"{source}: could not store the records ({type(e).__name__}: {e})") from e
 
 
 def undecoded(ds: Dataset) -> Dataset:
@@ -321,7 +596,10 @@ def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
     def fn(batch, indices):
         n = len(indices)
         rows = [{k: v[j] for k, v in batch.items()} for j in range(n)]
-        recs = [convert_row(r, columns, index=i, metadata_columns=meta_cols, **kw) for r, i in zip(rows, indices)]
+        recs = [
+            convert_row(r, columns, index=i, metadata_columns=meta_cols, source={"file": source, "row": i}, **kw)
+            for r, i in zip(rows, indices)
+        ]
         return {name: [rec[name] for rec in recs] for name in FEATURES}
 
     return ds.map(
@@ -335,39 +613,80 @@ def _from_dataset(ds: Dataset, source: str, **kw) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- local files
-def _read_rows(path: Path) -> list[dict]:
+def _utf8_problem(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the file as UTF-8"
+
+
+def _read_rows(path: Path) -> list[tuple[dict, Any]]:
+    """``(location, value)`` per record of a .jsonl (``{"file", "line"}``, 1-based, blank lines
+    skipped) or .json file (``{"file", "row"}``, 0-based). A line that is not UTF-8 or not
+    JSON becomes an :class:`_Unreadable`; a .json file that cannot be read at all raises
+    :class:`DataError` naming the file and the line."""
+    file = str(path)
     if path.suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise DataError(f"{path}: line {ln} is not valid JSON: {e}") from e
+        with open(path, "rb") as f:
+            for ln, raw in enumerate(f, 1):
+                loc = {"file": file, "line": ln}
+                if ln == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8) :]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append((loc, _Unreadable(f"the line is {_utf8_problem(raw, e)}")))
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((loc, json.loads(line)))
+                except (ValueError, RecursionError) as e:
+                    rows.append((loc, _Unreadable(f"the line is not valid JSON ({e})")))
         return rows
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
     if isinstance(data, Mapping):
         for key in ("data", "records", "rows", "examples"):
             if isinstance(data.get(key), list):
-                return data[key]
-        raise DataError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
-    return data
+                data = data[key]
+                break
+        else:
+            raise DataError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, not a JSON {_json_kind(data)}")
+    return [({"file": file, "row": i}, r) for i, r in enumerate(data)]
 
 
-def _load_file(path: Path, split: str, cfg: Any) -> Dataset:
+def _load_file(path: Path, split: str, cfg: Any, root: Path | None = None) -> Dataset:
+    """One data file; image paths resolve against its folder and must stay inside ``root``
+    (the data folder: ``data.path``, or its folder when it is a file)."""
     kw = dict(
         field_map=cfg_get(cfg, "field_map", {}),
         metadata_columns=cfg_get(cfg, "metadata_columns", []),
         base_dir=path.parent,
         default_task=str(cfg_get(cfg, "task_name", "local")),
         id_prefix=f"{path.stem}-{split}",
+        allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths", False)),
+        root_dir=root if root is not None else path.parent,
     )
     if not path.is_file():
-        raise DataError(f"data file for split '{split}' not found: {path}")
+        raise DataError(f"data file for split '{split}' not found (or not a regular file): {path}")
     if path.suffix == ".parquet":
-        ds = Dataset.from_parquet(str(path), keep_in_memory=True)
+        try:
+            ds = Dataset.from_parquet(str(path), keep_in_memory=True)
+        except Exception as e:  # pyarrow.ArrowInvalid etc.: a truncated or foreign file
+            raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from e
         return _from_dataset(ds, f"{path}", **kw)
     if path.suffix in (".jsonl", ".json"):
         return _from_rows(_read_rows(path), f"{path}", **kw)
@@ -415,7 +734,7 @@ def load_local(cfg: Any) -> DatasetDict:
         files["train"] = [path]
     out = {}
     for split, fs in files.items():
-        parts = [_load_file(f, split, cfg) for f in fs]
+        parts = [_load_file(f, split, cfg, root=base) for f in fs]
         out[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     holdout = cfg_get(cfg, "test_size")
     if "test" not in out and holdout:
@@ -442,6 +761,8 @@ def load_hub(cfg: Any, preprocess: Callable[[Dataset], Dataset] | None = None) -
     config_name = to_plain(cfg_get(cfg, "config_name"))
     configs = list(config_name) if isinstance(config_name, (list, tuple)) else [config_name]
     revision = cfg_get(cfg, "revision")
+    # a local folder laid out like a hub repo: image paths (of path-only images) stay inside it
+    hub_dir = Path(str(hub_id)).expanduser().resolve() if Path(str(hub_id)).expanduser().is_dir() else None
     splits = to_plain(cfg_get(cfg, "splits", {})) or {"train": "train", "test": "test"}
     out = {}
     for split, spec in splits.items():
@@ -469,8 +790,9 @@ def load_hub(cfg: Any, preprocess: Callable[[Dataset], Dataset] | None = None) -
             f"hub dataset '{hub_id}' split '{spec}'",
             field_map=cfg_get(cfg, "field_map", {}),
             metadata_columns=cfg_get(cfg, "metadata_columns", []),
-            base_dir=None,
+            base_dir=hub_dir,
             default_task=str(cfg_get(cfg, "task_name", hub_id)),
+            allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths", False)),
             id_prefix=f"{Path(str(hub_id)).name if Path(str(hub_id)).is_dir() else str(hub_id).replace('/', '_')}-{split}",
         )
     return DatasetDict(out)

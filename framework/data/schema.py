@@ -14,9 +14,11 @@ right option.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,11 @@ from datasets import Features, Image, List, Value
 from framework.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # data.max_image_bytes: larger image files are refused unread
+# reserved metadata key set by the loaders: where the record came from ({"file", "line"} or
+# {"file", "row"}) and the problems found while reading it ({"problems": [...]}); validation
+# reports them, :func:`to_record` drops the key
+SOURCE_KEY = "_apo_source"
 
 FEATURES = Features(
     {
@@ -48,12 +55,64 @@ def choice_letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]
 
 
-def decode_image(value: Any):
+def read_image_file(path: str | os.PathLike, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the image file at ``path``: a regular file (never a FIFO, a device such as
+    ``/dev/zero``, a socket or a directory) of at most ``max_bytes`` bytes.
+
+    The file is opened non-blocking (opening a FIFO does not wait for a writer) and checked on
+    the open descriptor (no race between the check and the read); at most ``max_bytes + 1``
+    bytes are read, so a file that grows while it is read cannot exhaust memory either. Raises
+    ``FileNotFoundError`` (naming the path) or :class:`DataError`."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO/socket without a peer, a directory
+            raise DataError(f"{path} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a regular file ({_file_kind(st.st_mode)})")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise DataError(
+                f"{path} has {st.st_size:,} bytes > data.max_image_bytes={max_bytes:,} (raise it to allow larger images)"
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DataError(f"{path} grew beyond data.max_image_bytes={max_bytes:,} bytes while it was read")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def decode_image(value: Any, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES):
     """A PIL image (RGB) from a decoded image, ``{"bytes", "path"}`` dict, bytes or path.
 
-    Raises ``FileNotFoundError`` / ``PIL.UnidentifiedImageError`` / ``OSError`` on bad input
-    and :class:`~framework.errors.DataError` (a ``ValueError``) when there is nothing to decode.
-    """
+    A path is read with :func:`read_image_file` (regular files of at most ``max_bytes``
+    only). Raises ``FileNotFoundError`` / ``PIL.UnidentifiedImageError`` / ``OSError`` on bad
+    input and :class:`~framework.errors.DataError` (a ``ValueError``) when there is nothing to
+    decode or the file is refused."""
     import PIL.Image
 
     if isinstance(value, PIL.Image.Image):
@@ -70,10 +129,11 @@ def decode_image(value: Any):
         else:
             raise DataError(f"cannot decode an image from {type(value).__name__}")
         if data is not None:
+            if max_bytes is not None and len(data) > max_bytes:
+                raise DataError(f"image has {len(data):,} bytes > data.max_image_bytes={max_bytes:,}")
             im = PIL.Image.open(io.BytesIO(data))
         elif path is not None:
-            with open(path, "rb") as f:  # FileNotFoundError names the path
-                im = PIL.Image.open(io.BytesIO(f.read()))
+            im = PIL.Image.open(io.BytesIO(read_image_file(path, max_bytes)))  # FileNotFoundError names the path
         else:
             raise DataError("image is missing (no path or bytes)")
         im.load()
@@ -83,12 +143,27 @@ def decode_image(value: Any):
 
 
 def decode_metadata(value: Any) -> dict:
+    """The metadata dict of a row, without the loaders' reserved :data:`SOURCE_KEY`."""
+    meta, _ = split_metadata(value)
+    return meta
+
+
+def split_metadata(value: Any) -> tuple[dict, dict]:
+    """``(metadata, source)``: the row's metadata dict and the loaders' :data:`SOURCE_KEY`
+    entry (``{}`` when absent; ``{"file", "line"|"row", "problems"}``)."""
     if value is None or value == "":
-        return {}
+        return {}, {}
     if isinstance(value, Mapping):
-        return dict(value)
-    out = json.loads(value)
-    return out if isinstance(out, dict) else {"value": out}
+        out = dict(value)
+    else:
+        try:
+            out = json.loads(value)
+        except (TypeError, ValueError):
+            return {"value": value}, {}
+    if not isinstance(out, dict):
+        return {"value": out}, {}
+    source = out.pop(SOURCE_KEY, None)
+    return out, (source if isinstance(source, dict) else {})
 
 
 def encode_metadata(value: Any) -> str:
@@ -100,12 +175,12 @@ def encode_metadata(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def to_record(row: Mapping[str, Any]) -> dict:
+def to_record(row: Mapping[str, Any], max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES) -> dict:
     """Normalise a dataset row (decoded or not) into the plain-dict record the framework uses."""
     images = row.get("images") or []
     return {
         "id": str(row.get("id", "")),
-        "images": [decode_image(im) for im in images],
+        "images": [decode_image(im, max_image_bytes) for im in images],
         "question": row.get("question") or "",
         "answer": "" if row.get("answer") is None else str(row.get("answer")),
         "choices": [str(c) for c in (row.get("choices") or [])],

@@ -1,0 +1,94 @@
+"""The run's loggers: CSV (``<run>/csv/metrics.csv``) and W&B (offline by default).
+
+A resumed run writes into the same folder: the CSV file keeps its rows up to the resumed
+step (Lightning's own CSV logger deletes the file), and W&B continues the same run id.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer that continues an existing ``metrics.csv`` instead of deleting it:
+    rows of RL steps after ``keep_until`` (redone by the resumed run) are dropped, the header is
+    kept so that new columns are merged in."""
+
+    keep_until: int | None = None
+
+    def _check_log_dir_exists(self) -> None:
+        p = Path(self.metrics_file_path)
+        if not p.is_file():
+            return
+        if self.keep_until is None:  # a new run in a used folder: start afresh, as Lightning does
+            p.unlink()
+            return
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if self._keep(r)]
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        self.metrics_keys = keys
+
+    def _keep(self, row: dict) -> bool:
+        """Rows of the steps up to the checkpoint's (an evaluation that ran after it is logged
+        in the next step's row, which the resumed run writes again)."""
+        try:
+            return float(row.get("rl_step") or 0) <= self.keep_until
+        except ValueError:
+            return False
+
+
+class RunCSVLogger(CSVLogger):
+    def __init__(self, save_dir: str, keep_until: int | None = None):
+        # every row written at once: the file shows progress and survives a kill
+        super().__init__(save_dir=save_dir, name="", version="csv", flush_logs_every_n_steps=1)
+        self._keep_until = keep_until
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            _AppendingWriter.keep_until = self._keep_until
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | None, resumed_step: int | None):
+    """CSV and W&B loggers for the run in ``out``; ``wandb_id`` names the W&B run (a resumed
+    run passes its stored id and continues it)."""
+    lg = logger_cfg
+    loggers = []
+    if lg.csv:
+        loggers.append(RunCSVLogger(save_dir=str(out), keep_until=resumed_step))
+    if lg.wandb and lg.wandb_mode != "disabled":
+        os.environ["WANDB_MODE"] = lg.wandb_mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=lg.project,
+                group=lg.group,
+                name=lg.name,
+                tags=list(lg.tags),
+                save_dir=str(out),
+                config=run_config,
+                id=wandb_id,
+                resume="allow",
+            )
+        )
+    return loggers
+
+
+def new_wandb_id() -> str:
+    """A fresh W&B run id (chosen here, so that it is stored with every checkpoint)."""
+    from wandb.sdk.lib.runid import generate_id
+
+    return generate_id()
