@@ -8,10 +8,18 @@ by default) in one group per sweep with the algorithm and seed in its config.
 
 * A finished run leaves ``DONE.json`` (its final metrics); re-running the same sweep skips it
   (unless its command changed: then it runs again).
-* A failed run leaves ``FAILED.json`` (return code and error message); the sweep goes on, and
-  the next sweep retries it (``rerun_failed=false`` keeps it as failed).
-* At the end ``<sweep_dir>/report.md`` and ``<sweep_dir>/plots/*.png`` are written and logged to
-  W&B (benchmarks/report.py; ``python -m benchmarks.report <sweep_dir>`` regenerates them).
+* Before any run starts, every run's config is composed (Hydra's compose API on configs/, the
+  run's overrides) and checked by :func:`framework.train.check_early` (values, registered
+  names, reward parameters; no model loads): a mistyped algorithm, group option or key fails
+  the sweep at once, listing every run it affects, and nothing runs (``dry_run=true`` prints
+  the problems as a warning).
+* A failed run leaves ``FAILED.json``: its return code, its own error (the ``error: ...`` line
+  the CLI printed, or the exception line of its traceback; see :func:`error_message`) and the
+  path of its ``console.log`` (the full output); the sweep goes on, and the next sweep retries
+  it (``rerun_failed=false`` keeps it as failed).
+* At the end ``<sweep_dir>/report.md`` and ``<sweep_dir>/plots/`` (PNG + PDF + the plotted data
+  as CSV) are written and logged to W&B (benchmarks/report.py; ``python -m benchmarks.report
+  <sweep_dir>`` regenerates them).
 
 The exit status is 1 when a run failed. ``suite.jobs=N`` runs N processes at a time
 (``suite.env`` sets environment variables for them, e.g. ``OMP_NUM_THREADS``); for a cluster use Hydra's launchers on ``python -m framework.run -m ...`` (see README, "Benchmark
@@ -20,9 +28,11 @@ suites").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -35,9 +45,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from framework.errors import EXIT_PREEMPTED, ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
-DONE, FAILED, LOG = "DONE.json", "FAILED.json", "console.log"
+DONE, FAILED, LOG, INTERRUPTED = "DONE.json", "FAILED.json", "console.log", "INTERRUPTED.json"
 SUITE_FILE = "suite.yaml"
 
 
@@ -48,7 +60,7 @@ class Run:
     seed: int
     run_dir: Path
     command: list[str]
-    status: str = "pending"  # pending | done | skipped | failed
+    status: str = "pending"  # pending | done | skipped | failed | interrupted (preempted: resumed on re-run)
     error: str | None = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
@@ -128,20 +140,92 @@ def plan(s: dict, sweep_dir: Path) -> list[Run]:
     return runs
 
 
+HYDRA_HINT = "Set the environment variable HYDRA_FULL_ERROR"
+_NOISE = (HYDRA_HINT, "(set APO_RL_DEBUG", "See https://hydra.cc/")
+
+
+def clean_hydra_message(text: str) -> str:
+    """A Hydra composition error as one line: its message without the config search path,
+    the listing of a group's options folded into ``(available: a, b, ...)``."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        ln = lines[i].rstrip()
+        head = ln.strip()
+        if head == "Config search path:" or head.startswith("Available options in "):
+            opts = []
+            i += 1
+            while i < len(lines) and lines[i][:1] in ("\t", " ") and lines[i].strip():
+                opts.append(lines[i].strip())
+                i += 1
+            if head.startswith("Available options in ") and opts:
+                out.append(f"(available: {', '.join(opts)})")
+            continue
+        if head and not head.startswith(_NOISE):
+            out.append(head)
+        i += 1
+    return " ".join(out)
+
+
 def error_message(log_text: str, limit: int = 400) -> str:
-    """The user-facing error of a failed run from its console output."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    """A failed run's own error from its console output, as one line: the last ``error: ...``
+    line the CLI printed (a :class:`framework.errors.UserError`), else the exception line of the
+    last traceback (``ValueError: ...``), else Hydra's composition error (its message, without
+    the config search path), else the last lines of output."""
+    lines = log_text.splitlines()
+    if lines and lines[0].startswith("$ "):  # the command line benchmarks.run writes first
+        lines = lines[1:]
     for ln in reversed(lines):
-        if ln.startswith("error: "):
-            return ln[len("error: ") :][:limit]
-    lines = [
-        ln for ln in lines if not ln.startswith(("Set the environment variable HYDRA_FULL_ERROR", "(set APO_RL_DEBUG"))
-    ]
-    for i in range(len(lines) - 1, -1, -1):  # the last exception line of a traceback
-        head = lines[i].split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
-            return lines[i][:limit]
-    return " / ".join(lines[-3:])[:limit] or "no output"
+        if ln.strip().startswith("error: "):
+            return ln.strip()[len("error: ") :][:limit]
+    tb = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")]
+    if tb:  # the frames are indented; the exception line is the first one that is not
+        for ln in lines[tb[-1] + 1 :]:
+            if ln.strip() and not ln[:1].isspace():
+                return ln.strip()[:limit]
+    hint = [i for i, ln in enumerate(lines) if ln.startswith(HYDRA_HINT)]
+    if hint:  # Hydra's message: the paragraph(s) before the hint, less the search path
+        block: list[str] = []
+        for ln in reversed(lines[: hint[-1]]):
+            if not ln.strip() and block and not block[-1].startswith(("\t", " ", "Available options", "Config search")):
+                break
+            block.append(ln)
+        msg = clean_hydra_message("\n".join(reversed(block)))
+        if msg:
+            return msg[:limit]
+    rest = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith(_NOISE)]
+    return " / ".join(rest[-3:])[:limit] or "no output"
+
+
+def exception_message(e: BaseException) -> str:
+    """One line for an exception raised while composing or checking a run's config."""
+    from hydra.errors import HydraException
+
+    from framework.errors import UserError, one_line
+
+    if isinstance(e, UserError):
+        return one_line(e)
+    if isinstance(e, HydraException):
+        msg = clean_hydra_message(str(e))
+        cause = e.__cause__
+        if cause is not None and str(cause).strip():
+            msg += f" ({str(cause).strip().splitlines()[0]})"
+        return msg or type(e).__name__
+    return f"{type(e).__name__}: {one_line(e)}"
+
+
+# a SIGTERM / SIGUSR1 to the sweep (preemption) is passed on to the running runs, which write a
+# checkpoint and exit as interrupted; runs not started yet are left for the next sweep
+_STOP = threading.Event()
+_RUNNING: set[subprocess.Popen] = set()
+
+
+def _on_preemption(signum, frame) -> None:
+    _STOP.set()
+    for proc in list(_RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
 
 
 def _read_json(p: Path) -> dict | None:
@@ -167,22 +251,32 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     if failed is not None and not rerun_failed and failed.get("command") == cmd_args:
         run.status, run.error = "failed", failed.get("error")
         return run
-    if run.run_dir.exists():  # a previous attempt (failed or interrupted): start clean
-        shutil.rmtree(run.run_dir)
-    run.run_dir.mkdir(parents=True)
+    interrupted = _read_json(run.run_dir / INTERRUPTED)
+    command = run.command
+    if interrupted is not None and interrupted.get("command") == cmd_args:
+        # preempted before: continue it from its newest complete checkpoint, into the same folder
+        (run.run_dir / INTERRUPTED).unlink()
+        command = [*run.command, f"resume={run.run_dir}"]
+        with print_lock:
+            print(f"  {run.name}: interrupted before; resuming it from its last checkpoint", flush=True)
+    else:
+        if run.run_dir.exists():  # a previous attempt (failed, or another command): start clean
+            shutil.rmtree(run.run_dir)
+        run.run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     timeout = s.get("timeout_s")
     rc: int | None = None
-    with open(run.run_dir / LOG, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(run.command) + "\n")
+    with open(run.run_dir / LOG, "a" if command is not run.command else "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(command) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            run.command,
+            command,
             cwd=str(ROOT),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **{str(k): str(v) for k, v in (s.get("env") or {}).items()}},
         )
+        _RUNNING.add(proc)
         timed_out = threading.Event()
 
         def kill():
@@ -197,6 +291,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
             proc.returncode = os.waitstatus_to_exitcode(status)
             run.cpu_s = usage.ru_utime + usage.ru_stime
         finally:
+            _RUNNING.discard(proc)
             if timer:
                 timer.cancel()
         rc = None if timed_out.is_set() else proc.returncode
@@ -227,6 +322,11 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
                 indent=2,
             )
         )
+    elif rc == EXIT_PREEMPTED:  # SIGTERM / SIGUSR1: it wrote a checkpoint; the next sweep resumes it
+        run.status, run.error = "interrupted", error_message(text)
+        (run.run_dir / INTERRUPTED).write_text(
+            json.dumps({"status": "interrupted", "returncode": rc, "error": run.error, "command": cmd_args}, indent=2)
+        )
     else:
         run.status = "failed"
         run.error = f"timed out after {timeout} s" if rc is None else error_message(text)
@@ -239,6 +339,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
                     "seed": run.seed,
                     "returncode": rc,
                     "error": run.error,
+                    "log": str(run.run_dir / LOG),
                     "wall_s": round(run.wall_s, 1),
                     "command": cmd_args,
                 },
@@ -248,15 +349,63 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     return run
 
 
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """A run's config as ``python -m framework.run <overrides>`` composes it (Hydra's compose
+    API on configs/; works inside a running Hydra app too)."""
+    from hydra import compose, initialize_config_dir  # (importing framework registered the schema bases)
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    running = gh.hydra if gh.is_initialized() else None  # benchmarks.run's own Hydra app
+    gh.clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    finally:
+        if running is not None:
+            GlobalHydra.instance().initialize(running)
+
+
+def preflight(runs: list[Run]) -> dict[str, list[str]]:
+    """Check every run before any starts: the names (algorithms, config groups, keys of the
+    tasks' and algorithms' overrides) by composing each run's config, and its values, registered
+    names and reward parameters by :func:`framework.train.check_early` (which runs
+    :func:`framework.config.validate_run_config`; no model is loaded). Returns
+    ``{problem: [run names]}``; empty when every run can start."""
+    from framework.train import check_early
+
+    problems: dict[str, list[str]] = {}
+    for r in runs:
+        try:
+            early = check_early(compose_run_config(r.command[3:]))
+            early["rewards"].close()
+        except Exception as e:  # noqa: BLE001 - every problem of every run is collected
+            problems.setdefault(exception_message(e), []).append(r.name)
+    return problems
+
+
+def problem_summary(problems: dict[str, list[str]], n_runs: int) -> str:
+    """``"2 of 6 runs cannot start: count/x/seed0, count/x/seed1: <problem>; ..."``, one line."""
+    bad = {name for names in problems.values() for name in names}
+    return f"{len(bad)} of {n_runs} runs cannot start: " + "; ".join(
+        f"{', '.join(names)}: {msg}" for msg, names in problems.items()
+    )
+
+
 def run_suite(cfg: DictConfig) -> list[Run]:
     s = suite_dict(cfg)
     sweep_dir = Path(str(cfg.sweep_dir)).expanduser().resolve()  # relative to the current directory
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(s, sweep_dir)
+    problems = preflight(runs)
     if cfg.get("dry_run"):
+        if problems:
+            print(f"benchmarks.run: warning: {problem_summary(problems, len(runs))}", flush=True)
         for r in runs:
             print(" ".join(r.command))
         return runs
+    if problems:
+        raise ConfigError(f"suite '{s['name']}': {problem_summary(problems, len(runs))}; no run was started")
     (sweep_dir / SUITE_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(s)))
     print(
         f"benchmarks.run: suite '{s['name']}': {len(runs)} runs "
@@ -269,11 +418,16 @@ def run_suite(cfg: DictConfig) -> list[Run]:
     metric = (s.get("eval") or {}).get("metric", "eval/accuracy")
 
     def one(r: Run) -> Run:
+        if _STOP.is_set():  # preempted: the next sweep runs it
+            r.status, r.error = "interrupted", "the sweep was preempted before it started"
+            return r
         execute(r, s, rerun_failed=bool(cfg.get("rerun_failed", True)), print_lock=lock)
         with lock:
             i = next(counter)
             if r.status == "failed":
-                msg = f"FAILED ({r.error})"
+                msg = f"FAILED ({r.error}); its output: {r.run_dir / LOG}"
+            elif r.status == "interrupted":
+                msg = f"INTERRUPTED ({r.error}); the next run of this sweep resumes it"
             else:
                 fin = r.summary.get("final", {}).get(metric)
                 msg = (
@@ -284,6 +438,9 @@ def run_suite(cfg: DictConfig) -> list[Run]:
         return r
 
     t0 = time.perf_counter()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, _on_preemption)
     jobs = max(1, int(s.get("jobs") or 1))
     if jobs == 1:
         for r in runs:
@@ -291,9 +448,10 @@ def run_suite(cfg: DictConfig) -> list[Run]:
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(one, runs))
-    n = {k: sum(r.status == k for r in runs) for k in ("done", "skipped", "failed")}
+    n = {k: sum(r.status == k for r in runs) for k in ("done", "skipped", "failed", "interrupted")}
     print(
-        f"benchmarks.run: {n['done']} done, {n['skipped']} skipped (finished before), {n['failed']} failed "
+        f"benchmarks.run: {n['done']} done, {n['skipped']} skipped (finished before), {n['failed']} failed, "
+        f"{n['interrupted']} interrupted "
         f"in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
@@ -308,6 +466,7 @@ def run_suite(cfg: DictConfig) -> list[Run]:
                         "run": r.name,
                         "status": r.status,
                         "error": r.error,
+                        "log": str(r.run_dir / LOG) if r.status == "failed" else None,
                         "wall_s": round(r.wall_s, 1),
                         "cpu_s": round(r.cpu_s, 1),
                     }
@@ -334,6 +493,8 @@ def main(cfg: DictConfig) -> None:
         runs = run_suite(cfg)
     if any(r.status == "failed" for r in runs):
         sys.exit(1)
+    if any(r.status == "interrupted" for r in runs):
+        sys.exit(EXIT_PREEMPTED)  # the sweep itself was preempted: requeue it, it resumes its runs
 
 
 if __name__ == "__main__":

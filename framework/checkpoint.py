@@ -124,6 +124,32 @@ class RLCheckpoint(L.Callback):
         self.last = d
         return d
 
+    # ---- preemption: SIGTERM (docker stop, timeout, SLURM at the end) and SIGUSR1 (SLURM's
+    # early warning with sbatch --signal=USR1@90) finish the current RL step, write its
+    # checkpoint and stop; framework.train raises Preempted (exit status 75)
+    def on_train_start(self, trainer, module):
+        import signal
+        import threading
+
+        self.preempted_by: str | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            self.preempted_by = signal.Signals(signum).name
+            log.warning("apo-rl: received %s: finishing this RL step, then checkpoint and stop", self.preempted_by)
+
+        self._previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        from framework.distributed import all_reduce
+
+        flag = float(getattr(self, "preempted_by", None) is not None)
+        if all_reduce([flag], "max")[0]:  # every rank stops at the same step
+            self.preempted_by = self.preempted_by or "a signal on another rank"
+            self.save(trainer, module)
+            trainer.should_stop = True
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         # the checkpoint of step K is written when step K+1 starts, not when step K ends:
         # Lightning logs (and the CSV logger writes) a step's metrics after the batch-end
@@ -133,6 +159,10 @@ class RLCheckpoint(L.Callback):
             self.save(trainer, module)
 
     def on_train_end(self, trainer, module):
+        import signal
+
+        for sig, prev in getattr(self, "_previous", {}).items():
+            signal.signal(sig, prev)
         if self.last is None or self.last.name != _name(module.rl_step):
             self.save(trainer, module)
 

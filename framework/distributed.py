@@ -169,13 +169,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None, finite_only: bool = False) -> float:
     """Clip to ``max_norm`` by the global L2 norm of the gradients, sharded (DTensor) or not;
-    returns the norm before clipping."""
+    returns the norm before clipping (``finite_only``: a non-finite norm clips nothing)."""
     if not params:
         return 0.0
     norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0))
-    if max_norm:
+    if max_norm and (not finite_only or bool(torch.isfinite(norm))):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
 

@@ -38,8 +38,19 @@ class DependencyError(UserError, ImportError):
     says what to install or fix."""
 
 
+class Preempted(UserError):
+    """The run was stopped by SIGTERM or SIGUSR1 (a scheduler's preemption) after writing a
+    checkpoint of its last completed step; ``resume=<run folder>`` continues it. The CLI exits
+    with :data:`EXIT_PREEMPTED`, which schedulers and ``benchmarks.run`` read as "requeue"."""
+
+    exit_code = 75  # EX_TEMPFAIL: a temporary failure, try again
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A non-finite loss or gradient; names the RL step, the optimizer step and the quantity."""
+
+
+EXIT_PREEMPTED = Preempted.exit_code
 
 
 def one_line(e: BaseException) -> str:

@@ -39,12 +39,13 @@ class _AppendingWriter(ExperimentWriter):
         self.metrics_keys = keys
 
     def _keep(self, row: dict) -> bool:
-        """Rows of the steps up to the checkpoint's (an evaluation that ran after it is logged
-        in the next step's row, which the resumed run writes again)."""
+        """Rows of the steps before the checkpoint's, and its own training row; its evaluation
+        (if one was due) runs after the checkpoint was written, so the resumed run redoes it."""
         try:
-            return float(row.get("rl_step") or 0) <= self.keep_until
+            step = float(row.get("rl_step") or 0)
         except ValueError:
             return False
+        return step < self.keep_until or (step == self.keep_until and not row.get("eval/step"))
 
 
 class RunCSVLogger(CSVLogger):
@@ -69,8 +70,9 @@ def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | Non
     loggers = []
     if lg.csv:
         loggers.append(RunCSVLogger(save_dir=str(out), keep_until=resumed_step))
-    if lg.wandb and lg.wandb_mode != "disabled":
-        os.environ["WANDB_MODE"] = lg.wandb_mode
+    mode = wandb_mode(lg)
+    if lg.wandb and mode != "disabled":
+        os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(
             WandbLogger(
@@ -92,3 +94,9 @@ def new_wandb_id() -> str:
     from wandb.sdk.lib.runid import generate_id
 
     return generate_id()
+
+
+def wandb_mode(logger_cfg) -> str:
+    """``WANDB_MODE`` from the environment wins over ``logger.wandb_mode`` (W&B's own rule), so
+    ``WANDB_MODE=disabled`` turns W&B off whatever the config says."""
+    return os.environ.get("WANDB_MODE") or logger_cfg.wandb_mode

@@ -37,6 +37,8 @@ from framework.update import PolicyUpdate, UpdateResult
 
 log = logging.getLogger(__name__)
 
+PROGRESS_BAR = ("reward", "accuracy", "kl", "eval/accuracy", "eval/accuracy_sampled")
+
 
 class RLModule(L.LightningModule):
     def __init__(
@@ -298,19 +300,28 @@ class RLModule(L.LightningModule):
         return [lg for lg in self.loggers if isinstance(lg, WandbLogger)] if self._trainer is not None else []
 
     def _log(self, metrics: dict[str, float], pass_rates: list[float] | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-        self.history.append({"rl_step": float(self.rl_step), **clean})
-        if self._trainer is None:
-            return
-        bar = {"reward", "accuracy", "eval/accuracy", "eval/accuracy_sampled", "kl"}
-        for k, v in clean.items():
-            self.log(k, v, prog_bar=k in bar, on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
-        self.log("rl_step", float(self.rl_step), on_step=True, on_epoch=False, batch_size=1)
-        if pass_rates:
-            import wandb
+        """One row per call, at the RL step, to every logger (CSV, W&B) and to ``history``.
 
-            for lg in self._wandb_loggers():
-                lg.experiment.log({"pass_rate/hist": wandb.Histogram(pass_rates)}, commit=False)
+        The loggers are called directly rather than through ``self.log``: Lightning's step is
+        the optimizer step and its result collection carries values over from earlier steps,
+        which put eval/* on rows where no evaluation ran and showed a stale value where a
+        metric went NaN. Here a row holds what was measured at that RL step, NaN included."""
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        row = {"rl_step": float(self.rl_step), **clean}
+        self.history.append(row)
+        if self._trainer is None or self.trainer.global_rank != 0:
+            return
+        for k in PROGRESS_BAR:  # the progress bar shows these, nothing goes to the loggers
+            if k in clean and not math.isnan(clean[k]):
+                self.log(k, clean[k], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        wandb_loggers = self._wandb_loggers()
+        for lg in self.loggers:
+            if lg in wandb_loggers and pass_rates:
+                import wandb
+
+                lg.log_metrics({**row, "pass_rate/hist": wandb.Histogram(pass_rates)}, step=self.rl_step)
+            else:
+                lg.log_metrics(row, step=self.rl_step)
 
     def _log_table(self, rollout: Rollout) -> None:
         n = min(16, len(rollout))

@@ -93,7 +93,7 @@ def user_errors() -> Iterator[None]:
         if debug_enabled():
             raise
         report_user_error(e)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))  # 2; a preempted run: 75 (requeue it)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

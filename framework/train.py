@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, canonical_dtype, validate_run_config
-from framework.loggers import make_loggers
+from framework.errors import Preempted
+from framework.loggers import make_loggers, wandb_mode
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -197,7 +198,7 @@ def train(cfg: DictConfig) -> RunResult:
     ckpt_path = resolve_resume(cfg.get("resume"), s["trainer"].strategy)
     run_config = plain(cfg)
     wandb_id = info.wandb_id if info and info.wandb_id else None
-    if wandb_id is None and s["logger"].wandb and s["logger"].wandb_mode != "disabled":
+    if wandb_id is None and s["logger"].wandb and wandb_mode(s["logger"]) != "disabled":
         from framework.loggers import new_wandb_id
 
         wandb_id = new_wandb_id()
@@ -318,12 +319,17 @@ def train(cfg: DictConfig) -> RunResult:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     finally:
         rewards.close()
+    if getattr(ckpt_cb, "preempted_by", None):
+        raise Preempted(
+            f"preempted by {ckpt_cb.preempted_by} after RL step {module.rl_step}: checkpoint {ckpt_cb.last}; "
+            f"continue with resume={out}"
+        )
     if trainer.global_rank == 0:
         log.info(
             f"apo-rl: done. metrics: {out / 'csv' / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}"
             + (
                 f"; W&B offline run: {out / 'wandb'}"
-                if s["logger"].wandb and s["logger"].wandb_mode != "disabled"
+                if s["logger"].wandb and wandb_mode(s["logger"]) != "disabled"
                 else ""
             )
         )

@@ -15,6 +15,7 @@ gradient plumbing is a :class:`framework.distributed.GradientSync`.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,15 +69,23 @@ class PolicyUpdate:
             for rows in self.mini_batches(rollout, epoch):
                 step = optimizer_step + res.optimizer_steps
                 stats = self._mini_batch(rollout.select(rows), optimizer, rl_step=rl_step, optimizer_step=step)
+                if stats is not None:
+                    gn = self._grad_norm_and_clip()
+                    if math.isfinite(gn):
+                        optimizer.step()
+                        stats["grad_norm"] = gn
+                        for k, v in stats.items():
+                            per_step[k].append(v)
+                    else:  # a finite loss can still give non-finite gradients (a too large lr)
+                        self._nonfinite({"grad_norm": gn}, rl_step, step, what="gradient norm")
+                        stats = None
                 if stats is None:  # skipped: an optimizer step without gradients, so that the
-                    # step counters (max_steps, LR and KL schedules) advance as usual
+                    # step counters (max_steps, LR and KL schedules) advance while the weights
+                    # (and AdamW's state: parameters without a gradient are left alone) stay
                     optimizer.zero_grad(set_to_none=True)
                     optimizer.step()
                     res.skipped += 1
-                else:
-                    stats["grad_norm"] = self._clip_and_step(optimizer)
-                    for k, v in stats.items():
-                        per_step[k].append(v)
+                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 res.optimizer_steps += 1
         res.stats = {k: sum(v) / len(v) for k, v in per_step.items()}
@@ -135,21 +144,22 @@ class PolicyUpdate:
         acc["entropy"] = ent_sum / norm.num_tokens  # this rank's share of the global token mean
         return dict(acc)
 
-    def _nonfinite(self, terms: dict, rl_step: int, optimizer_step: int) -> None:
+    def _nonfinite(self, terms: dict, rl_step: int, optimizer_step: int, what: str = "loss") -> None:
         names = [k for k, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
         msg = (
-            f"non-finite loss at RL step {rl_step} (optimizer step {optimizer_step}): "
+            f"non-finite {what} at RL step {rl_step} (optimizer step {optimizer_step}): "
             f"non-finite metric(s): {', '.join(names)}"
         )
         if self.on_nonfinite == "error":
-            raise NonFiniteError(msg + ". Set trainer.on_nonfinite=skip to skip such steps.")
-        log.warning("WARNING: %s; skipping this update", msg)
+            hint = " (the loss was finite: lower optim.lr or set optim.grad_clip)" if what != "loss" else ""
+            raise NonFiniteError(msg + hint + ". Set trainer.on_nonfinite=skip to skip such steps.")
+        log.warning("WARNING: %s; skipping this update (the weights are left as they were)", msg)
 
-    def _clip_and_step(self, optimizer) -> float:
+    def _grad_norm_and_clip(self) -> float:
+        """Make the gradients global, then clip them; the global norm before clipping (NaN or
+        inf when a gradient is not finite: then nothing is clipped and the step is not made)."""
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.sync.reduce(trainable)
         params = [p for p in trainable if p.grad is not None]
-        gn = clip_grad_norm(params, self.grad_clip)  # the global norm, also over FSDP shards
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        gn = clip_grad_norm(params, self.grad_clip, finite_only=True)  # the global norm, also over FSDP shards
         return gn
