@@ -161,10 +161,8 @@ def test_fsdp_bf16_offload_checkpoint_resumes_on_one_device(tmp_path):
 
 
 def test_sharded_checkpoint_needs_fsdp_to_resume(tmp_path):
-    from framework.checkpoint import resolve_resume
+    from framework.checkpoint import resolve_resume, write_marker
     from framework.config import ConfigError
-
-    from framework.checkpoint import write_marker
 
     d = tmp_path / "step-000002" / "state.ckpt"
     d.mkdir(parents=True)
