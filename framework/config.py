@@ -8,6 +8,7 @@ allowed values. The algorithm section is validated by the algorithm's own ``Conf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -103,12 +104,24 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0
 
     def validate(self, p: str) -> None:
-        _positive(f"{p}.lr", self.lr)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"{p}.lr={self.lr} must be a finite number > 0")
         _choice(f"{p}.scheduler", self.scheduler, {"constant", "cosine", "linear"})
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{p}.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if len(self.betas) != 2:
-            raise ConfigError(f"{p}.betas={self.betas} must be two numbers, e.g. [0.9, 0.95]")
+        if not 0 <= self.min_lr_ratio <= 1:  # a negative ratio would be a negative lr: gradient ascent
+            raise ConfigError(
+                f"{p}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1] (the final lr is lr x min_lr_ratio)"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{p}.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"{p}.eps={self.eps} must be a finite number > 0 (e.g. 1e-8)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"{p}.weight_decay={self.weight_decay} must be >= 0")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            # a negative max norm would flip the gradients: silent gradient ascent
+            raise ConfigError(f"{p}.grad_clip={self.grad_clip} must be > 0, or null for no clipping")
 
 
 @dataclass
@@ -404,7 +417,60 @@ def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
         checker = getattr(schema, "check_config", None)
         out[name] = checker(section, name) if checker is not None else check_section(section, schema, name)
     out["trainer"].precision = resolve_precision(out["model"], out["trainer"])
+    check_top_level(cfg)
+    check_combinations(out)
     return out
+
+
+TOP_LEVEL = ("algorithm", "reward", "seed", "plugins", "resume", "output_dir", *SECTIONS)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Unknown top-level keys (``+foo=1``, a typo of a section name) and the seed."""
+    unknown = sorted(set(cfg.keys()) - set(TOP_LEVEL) - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: {', '.join(TOP_LEVEL)}")
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be a non-negative integer")
+
+
+def check_combinations(s: dict[str, Any]) -> None:
+    """Options that do nothing together fail at start rather than train nothing."""
+    r, t = s["rollout"], s["trainer"]
+    if r.temperature == 0:
+        raise ConfigError(
+            "rollout.temperature=0 samples greedily: every group's G completions are the same, so every "
+            "advantage is 0 and nothing trains; use a temperature > 0 (1.0 in the papers), and "
+            "rollout.eval_temperature=0 for greedy evaluation"
+        )
+    if r.engine == "hf":
+        for key, value, why in (
+            ("tis_cap", r.tis_cap, "the transformers engine samples with the trained weights (no sampler/trainer gap)"),
+            ("sleep", r.sleep, "sleep mode frees a vLLM engine's memory; the transformers engine has none of its own"),
+        ):
+            if value:
+                raise ConfigError(
+                    f"rollout.{key}={value} does nothing with rollout.engine=hf: {why}; drop it or use rollout=vllm"
+                )
+    if t.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
+        raise ConfigError(f"trainer.accelerator={t.accelerator!r}: choose auto, cpu or gpu")
+    if isinstance(t.devices, int) and t.devices == 0 or t.devices in ("0", []):
+        raise ConfigError(f"trainer.devices={t.devices!r}: give a number of devices >= 1 (or auto)")
+
+
+def check_machine(t: TrainerConfig) -> None:
+    """The accelerator and device count against this machine, before any model loads."""
+    import torch
+
+    if t.accelerator in ("gpu", "cuda"):
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError(
+                f"trainer.accelerator={t.accelerator} but this machine has no CUDA GPU: use trainer.accelerator=auto or cpu"
+            )
+        if isinstance(t.devices, int) and t.devices > n:
+            raise ConfigError(f"trainer.devices={t.devices} but this machine has {n} GPU(s)")
 
 
 CANONICAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

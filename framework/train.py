@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.config import ConfigError, canonical_dtype, validate_run_config
+from framework.config import ConfigError, canonical_dtype, check_machine, validate_run_config
 from framework.errors import Preempted
 from framework.loggers import make_loggers, wandb_mode
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
@@ -75,6 +75,7 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     from rewards.base import RewardSet
 
     t = sections["trainer"]
+    check_machine(t)
     algo_cfg = OmegaConf.to_container(cfg.algorithm, resolve=True)
     pre = build_algorithm(algo_cfg, total_steps=1)
     total = t.max_steps * pre.ppo_epochs * t.num_mini_batches
@@ -134,6 +135,13 @@ def _launch_rank() -> int:
         if os.environ.get(k, "").isdigit():
             return int(os.environ[k])
     return 0
+
+
+def _has_images(ds, n: int = 64) -> bool:
+    """Whether any of the first ``n`` records of ``ds`` has an image."""
+    if "images" not in getattr(ds, "column_names", []):
+        return False
+    return any(bool(imgs) for imgs in ds.select(range(min(n, len(ds))))["images"])
 
 
 REAL_SIZE_PARAMS = 100_000_000  # above this, training on a CPU is a mistake unless asked for by name
@@ -227,6 +235,11 @@ def train(cfg: DictConfig) -> RunResult:
     )
     if "train" not in splits:
         raise ConfigError(f"data has no 'train' split (splits: {list(splits)}): point data at a source with one")
+    if not bundle.is_vl and _has_images(splits["train"]):
+        raise ConfigError(
+            f"model.name_or_path={s['model'].name_or_path} is a text-only model and the training records have "
+            "images, which it would silently drop: use a vision-language model (or data=synthetic_text)"
+        )
 
     # ---- policy (trained) and frozen reference
     m = s["model"]
@@ -316,7 +329,8 @@ def train(cfg: DictConfig) -> RunResult:
     )
     log.info("apo-rl: algorithm=%s model=%s outputs -> %s", cfg.algorithm.name, s["model"].name_or_path, out)
     try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        # weights_only: a checkpoint holds tensors and plain containers, never code to run
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     finally:
         rewards.close()
     if getattr(ckpt_cb, "preempted_by", None):
