@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,6 +71,37 @@ def setup_console_logging(level: int = logging.INFO, stream: str = "stdout") -> 
         logger.setLevel(level)
         logger.propagate = False
         logger.disabled = False
+    quiet_third_party()
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.needles)
+
+
+def quiet_third_party() -> None:
+    """Third-party output a user cannot act on, filtered at its source (by logger and message,
+    never globally): Lightning's lines printed twice (its own handler and Hydra's root
+    handler), its LitLogger advertisement and weights_only notice, a deprecation warning from
+    inside Lightning, and transformers' progress bars on every load and save."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning prints through its own handler, once
+    drop = _DropMessages("litlogger", "LitLogger", "`weights_only` was not set")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+        logging.getLogger(name).addFilter(drop)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", module=r"lightning\..*")
+    warnings.filterwarnings("ignore", message=r".*treespec.*LeafSpec.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 def debug_enabled() -> bool:

@@ -321,7 +321,7 @@ def train(cfg: DictConfig) -> RunResult:
         callbacks=[ckpt_cb],
         log_every_n_steps=t.log_every,
         enable_checkpointing=False,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=not module.plain_progress,  # the bar only in a terminal; else a line per step
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(out),

@@ -115,7 +115,7 @@ class AccuracyReward(Reward):
                 res.scores[i] = float(out.get("score", 0.0))
                 gold_fail += not out.get("gold_ok", True)
             elif status == "timeout":
-                res.timeouts += 1
+                res.add_timeout(f"math-verify timed out after {self.timeout_s:g}s ({record_name(records[i])})")
             else:
                 res.add_failure(f"{out.get('error', 'unknown error')} ({record_name(records[i])})")
         res.stats = {"gold_parse_failures": float(gold_fail), "missing_answer": float(missing)}

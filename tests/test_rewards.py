@@ -403,9 +403,10 @@ def test_rewardset_correctness_plugin_with_zero_weight():
 
 
 def test_rewardset_failing_plugins_do_not_crash(test_plugins):
-    rs = RewardSet(
+    rs = RewardSet(  # max_failure_frac=1: _test_broken fails on every completion (else: RewardFailure)
         {"_test_boom": {"weight": 2.0}, "_test_broken": {"weight": 1.0}, "format": {"weight": 1.0}},
         correctness="format",
+        max_failure_frac=1.0,
     )
     s = rs([C("ok"), C("boom")], [{"answer": "1"}] * 2)
     total, parts, metrics = s.total, s.components, s.metrics
