@@ -43,8 +43,13 @@ def _env():
 
 def _cli(*args, cwd, **kw):
     return subprocess.Popen(
-        [sys.executable, "-m", "framework.run", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, **kw,
+        [sys.executable, "-m", "framework.run", *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
     )
 
 
