@@ -78,7 +78,7 @@ def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | Non
             WandbLogger(
                 project=lg.project,
                 group=lg.group,
-                name=lg.name,
+                name=lg.name or run_name(run_config),
                 tags=list(lg.tags),
                 save_dir=str(out),
                 config=run_config,
@@ -100,3 +100,9 @@ def wandb_mode(logger_cfg) -> str:
     """``WANDB_MODE`` from the environment wins over ``logger.wandb_mode`` (W&B's own rule), so
     ``WANDB_MODE=disabled`` turns W&B off whatever the config says."""
     return os.environ.get("WANDB_MODE") or logger_cfg.wandb_mode
+
+
+def run_name(run_config: dict) -> str:
+    """``<algorithm>-<model>-seed<k>``, the W&B run name when ``logger.name`` is not set."""
+    model = str(run_config.get("model", {}).get("name_or_path", "model")).rstrip("/").split("/")[-1]
+    return f"{run_config.get('algorithm', {}).get('name', 'run')}-{model.replace(':', '_')}-seed{run_config.get('seed', 0)}"

@@ -348,21 +348,32 @@ class RLModule(L.LightningModule):
                 lg.log_metrics(row, step=self.rl_step)
 
     def _log_table(self, rollout: Rollout) -> None:
+        """A W&B table of sampled completions: the prompt's image(s), question, answer,
+        completion, reward and advantage, one row per completion of the first groups."""
+        loggers = self._wandb_loggers()
+        if not loggers:
+            return
+        import wandb
+
         n = min(16, len(rollout))
         adv = rollout.advantages
-        data = [
-            [
-                self.rl_step,
-                rollout.records[i]["question"],
-                rollout.records[i]["answer"],
-                rollout.texts[i],
-                float(rollout.rewards[i]),
-                float(adv[i]) if adv is not None else 0.0,
-            ]
-            for i in range(n)
-        ]
-        for lg in self._wandb_loggers():
-            cols = ["step", "question", "answer", "completion", "reward", "advantage"]
+        cols = ["step", "images", "question", "answer", "completion", "reward", "advantage"]
+        data = []
+        for i in range(n):
+            rec = rollout.records[i]
+            images = [wandb.Image(im) for im in rec.get("images") or []]
+            data.append(
+                [
+                    self.rl_step,
+                    images[0] if images else None,  # the first image (a cell holds one)
+                    rec["question"],
+                    rec["answer"],
+                    rollout.texts[i],
+                    float(rollout.rewards[i]),
+                    float(adv[i]) if adv is not None else 0.0,
+                ]
+            )
+        for lg in loggers:
             lg.log_table(key="completions", columns=cols, data=data)
 
     # ------------------------------------------------------------------ checkpoint state
