@@ -35,7 +35,7 @@ COMMON = [
 KEYS = ("reward", "loss", "kl", "grad_norm", "completions/mean_length", "entropy")
 
 
-def _run(out: Path, *extra, steps: int = 3) -> list[dict]:
+def _run(out: Path, *extra, steps: int = 3, evals: bool = False) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     p = subprocess.run(
         [
@@ -56,7 +56,9 @@ def _run(out: Path, *extra, steps: int = 3) -> list[dict]:
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = list(csv.DictReader((out / "csv" / "metrics.csv").read_text().splitlines()))
-    return [{k: float(v) for k, v in r.items() if v} for r in rows if r.get("reward")]
+    # training rows (and with evals=True the evaluation rows: each its own row, at its RL step)
+    keep = [r for r in rows if r.get("reward") or (evals and r.get("eval/accuracy"))]
+    return [{k: float(v) for k, v in r.items() if v} for r in keep]
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -68,10 +70,12 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    return out, _run(out)
+    return out, _run(out, evals=True)
 
 
-def _assert_same_run(one, other, rel=1e-4):
+def _assert_same_run(one_rows, other_rows, rel=1e-4):
+    one = [r for r in one_rows if "reward" in r]
+    other = [r for r in other_rows if "reward" in r]
     assert [r["rl_step"] for r in one] == [r["rl_step"] for r in other] == [1.0, 2.0, 3.0]
     for a, b in zip(one, other):
         for k in KEYS:
@@ -79,8 +83,10 @@ def _assert_same_run(one, other, rel=1e-4):
     assert one[-1]["kl"] > 0  # the weights moved, identically, in both runs
     # held-out evaluation: each rank evaluates its share, the metrics are reduced over ranks
     # (the greedy ones are deterministic, so they equal the 1-process values)
-    evals = [(a, b) for a, b in zip(one, other) if "eval/accuracy" in a]
-    assert evals and all("eval/accuracy" in b for _, b in evals)
+    one_evals = [r for r in one_rows if "eval/accuracy" in r]
+    other_evals = [r for r in other_rows if "eval/accuracy" in r]
+    assert [r["eval/step"] for r in one_evals] == [r["eval/step"] for r in other_evals] == [0.0, 3.0]
+    evals = list(zip(one_evals, other_evals))
     for a, b in evals:
         for k in ("eval/accuracy", "eval/mean_length", "eval/format"):
             assert a[k] == pytest.approx(b[k], rel=1e-6), k
@@ -88,7 +94,7 @@ def _assert_same_run(one, other, rel=1e-4):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path, one_process):
-    two = _run(tmp_path / "two", "trainer.strategy=ddp", "trainer.devices=2")
+    two = _run(tmp_path / "two", "trainer.strategy=ddp", "trainer.devices=2", evals=True)
     _assert_same_run(one_process[1], two)
 
 
@@ -102,6 +108,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path, one_process):
         "trainer.devices=2",
         "trainer.fsdp.mixed_precision=null",
         "trainer.fsdp.activation_checkpointing=false",
+        evals=True,
     )
     _assert_same_run(one_process[1], two)
     ckpt = out / "checkpoints" / "step-000003"
