@@ -73,3 +73,52 @@ def group_advantages(
         adv = centred
     zero = zero_std_groups(rewards, group_ids)[inv]
     return torch.where(zero, torch.zeros_like(adv), adv)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """REINFORCE Leave-One-Out baseline (Ahmadian et al., arXiv 2402.14740):
+
+        A_i = r_i - (1/(G-1)) sum_{j in g, j != i} r_j  =  G/(G-1) * (r_i - mean_g(r))
+
+    No std scaling. A group whose rewards are all equal gets A = 0 exactly, and so does a
+    group of one sample (no other sample to compare with).
+    rewards [N], group_ids [N] -> [N] (dtype of rewards).
+    """
+    rewards = rewards.detach()
+    inv, _ = group_index(group_ids)
+    n = group_sum(torch.ones_like(rewards), group_ids)[inv]
+    total = group_sum(rewards, group_ids)[inv]
+    loo_mean = (total - rewards) / (n - 1).clamp_min(1)
+    adv = torch.where(n > 1, rewards - loo_mean, torch.zeros_like(rewards))
+    zero = zero_std_groups(rewards, group_ids)[inv]
+    return torch.where(zero, torch.zeros_like(adv), adv)
+
+
+GLOBAL_NORM_WEIGHTS = ("tokens", "samples")
+
+
+def global_normalize(
+    values: torch.Tensor, lengths: torch.Tensor, weight: str = "tokens", eps: float = 1e-4
+) -> torch.Tensor:
+    """Global (whole-batch) advantage normalisation of REINFORCE++ (arXiv 2501.03262):
+
+        A_i = (x_i - mu) / (sigma + eps)
+
+    with mu, sigma the mean and (population) standard deviation over the batch. weight="tokens":
+    over every counted token, x_i broadcast to the |o_i| tokens of its completion (the paper's
+    per-token advantages; OpenRLHF's implementation), i.e. weights |o_i|; "samples": one value
+    per completion. A batch whose values are all equal gets A = 0.
+    values [N], lengths [N] (|o_i|) -> [N] (dtype of values).
+    """
+    if weight not in GLOBAL_NORM_WEIGHTS:
+        raise ValueError(f"global normalisation weight must be one of {GLOBAL_NORM_WEIGHTS}, got {weight!r}")
+    x = values.detach()
+    if x.numel() == 0 or bool((x == x[0]).all()):
+        return torch.zeros_like(x)
+    w = lengths.detach().to(x.dtype) if weight == "tokens" else torch.ones_like(x)
+    total = w.sum()
+    if total <= 0:
+        return torch.zeros_like(x)
+    mu = (w * x).sum() / total
+    var = (w * (x - mu) ** 2).sum() / total
+    return (x - mu) / (var.sqrt() + eps)

@@ -13,10 +13,21 @@ mini-batch, so summing them over micro-batches (and ranks) gives the mini-batch 
 
 Subclasses change behaviour through hooks, called by ``prepare`` in this order:
 ``shape_rewards -> compute_advantages -> shape_advantages -> sample_kl_coef``.
+
+Two components every algorithm takes from its config (algorithms/components.py):
+``shape_advantages`` applies STCR when ``stcr.enabled``; ``sample_kl_coef`` gives the per-sample
+KL weight beta_i = schedule(step) * shaping_i, the schedule ``kl.schedule`` and the shaping
+``kl.sample_weight`` (none | dads | dads_exp). An override of either hook should call ``super()``
+to keep them.
+
+An algorithm yaml may start with a Hydra defaults list (``defaults: [grpo, _self_]``) and state
+only what differs from its base; :func:`build_algorithm` resolves that list the way Hydra does
+when it is given the raw yaml.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -28,6 +39,7 @@ from framework.registry import ALGORITHMS
 from framework.types import LossNormalizer, Rollout
 
 from .advantages import ADVANTAGE_SCALES, zero_std_groups
+from .components import SAMPLE_KL_WEIGHTS, apply_stcr, completion_lengths, sample_kl_coef
 from .kl import KL_ESTIMATORS, kl_estimator
 from .losses import LOSS_AGGREGATIONS, aggregate, clipped_surrogate, token_sum_mean
 from .schedules import SCHEDULES, make_schedule
@@ -55,9 +67,29 @@ class KLScheduleConfig:
 
 @dataclass
 class KLConfig:
+    """beta_i = schedule(step) * shaping_i: ``schedule`` over optimizer steps, ``sample_weight``
+    per sample (components.SAMPLE_KL_WEIGHTS)."""
+
     estimator: str = "k3"  # k1 | k2 | k3, x = logp_ref - logp
     coef: float = 0.04  # beta (DeepSeekMath); value of the constant schedule
     schedule: KLScheduleConfig = field(default_factory=KLScheduleConfig)
+    # per-sample shaping: none | dads (View-R1: beta f(d) on positives) | dads_exp (f = exp(-e d))
+    sample_weight: str = "none"
+
+
+STCR_LENGTH_UNITS = ("tokens", "chars")
+# with stcr.length_unit=chars the rollout must carry the completion texts (list[str], N)
+
+
+@dataclass
+class STCRConfig:
+    """STCR (View-R1) on the advantages of wrong answers longer than the correct ones; off
+    unless an algorithm (APO) or its config switches it on."""
+
+    enabled: bool = False
+    lam: float = 1.00001
+    only_negative_advantage: bool = True  # False reproduces the release exactly
+    length_unit: str = "tokens"  # tokens (mask sum, incl. EOS) | chars
 
 
 @dataclass
@@ -80,6 +112,10 @@ class AlgorithmConfig:
     # completions that hit max_new_tokens without EOS get mask 0. Applied by the trainer
     # (exposed as Algorithm.mask_truncated_completions), after prepare().
     mask_truncated_completions: bool = False
+    stcr: STCRConfig = field(default_factory=STCRConfig)
+    # the Hydra defaults list of the algorithm yaml this came from (e.g. [grpo, _self_]); Hydra
+    # consumes it when composing, build_algorithm resolves it when given the raw yaml
+    defaults: Optional[list[str]] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the key and its allowed values."""
@@ -107,6 +143,10 @@ class AlgorithmConfig:
         if self.ppo_epochs < 1:
             invalid_value("ppo_epochs", self.ppo_epochs, "an integer >= 1")
         check_nonneg("filter_groups.max_extra_rounds", self.filter_groups.max_extra_rounds)
+        check_choice("kl.sample_weight", self.kl.sample_weight, tuple(SAMPLE_KL_WEIGHTS))
+        check_choice("stcr.length_unit", self.stcr.length_unit, STCR_LENGTH_UNITS)
+        if self.stcr.lam < 1.0:
+            invalid_value("stcr.lam", self.stcr.lam, "a number >= 1")
 
 
 def invalid_value(key: str, value: Any, allowed: str) -> None:
@@ -168,6 +208,15 @@ class Algorithm:
         """Scheduled KL coefficient at optimizer step ``step`` of ``total_steps``."""
         return float(self._beta(step, self.total_steps))
 
+    @property
+    def sample_weight(self) -> str:
+        """Name of the per-sample KL shaping (components.SAMPLE_KL_WEIGHTS): ``kl.sample_weight``."""
+        return self.cfg.kl.sample_weight
+
+    def completion_lengths(self, rollout: Rollout) -> torch.Tensor:
+        """|o_i| [N] in ``stcr.length_unit``."""
+        return completion_lengths(rollout, self.cfg.stcr.length_unit)
+
     # -- hooks
     def shape_rewards(self, rollout: Rollout) -> None:
         """Modify ``rollout.rewards`` [N] in place (reward shaping). Default: nothing."""
@@ -177,12 +226,15 @@ class Algorithm:
         raise NotImplementedError
 
     def shape_advantages(self, rollout: Rollout, advantages: torch.Tensor, metrics: dict) -> torch.Tensor:
-        """Reweight advantages [N] (APO: STCR). Default: identity."""
-        return advantages
+        """Reweight advantages [N]: STCR when ``stcr.enabled`` (A_i <- w_i A_i), else identity."""
+        if not self.cfg.stcr.enabled:
+            return advantages
+        return apply_stcr(self.cfg.stcr, rollout, advantages, metrics, lengths=self.completion_lengths(rollout))
 
     def sample_kl_coef(self, rollout: Rollout, advantages: torch.Tensor, beta: float, metrics: dict) -> torch.Tensor:
-        """Per-sample KL weight beta_i [N] (APO: DADS). Default: beta everywhere."""
-        return torch.full_like(advantages, beta)
+        """Per-sample KL weight beta_i = beta * f_i [N], f the shaping named by
+        :attr:`sample_weight` (none: beta everywhere; dads: DADS on the positives)."""
+        return sample_kl_coef(self.sample_weight, rollout, advantages, beta, metrics)
 
     def policy_objective(self, logp: torch.Tensor, logp_old: torch.Tensor, mb: Rollout):
         """Per-token surrogate to maximise: (s [n,T], clipped_low, clipped_high)."""
@@ -277,18 +329,56 @@ def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
     return [prefix + str(k) for k in keys]
 
 
+# the algorithm yamls (configs/algorithm/), where a ``defaults`` entry is looked up
+ALGORITHM_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "algorithm"
+
+
+def resolve_defaults(cfg: dict, config_dir: Path = ALGORITHM_CONFIG_DIR, _chain: tuple = ()) -> dict:
+    """Resolve the Hydra defaults list of an algorithm yaml the way Hydra composes it: each
+    entry names ``<config_dir>/<entry>.yaml`` (itself resolved), merged in order, with the
+    yaml's own keys at ``_self_`` (at the end when not listed). The list is kept under
+    ``defaults`` in the result. A config without ``defaults`` is returned as it is."""
+    defaults = cfg.get("defaults")
+    if not defaults:
+        return cfg
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    own = {k: v for k, v in cfg.items() if k != "defaults"}
+    merged = OmegaConf.create({})
+    entries = list(defaults) if "_self_" in defaults else [*defaults, "_self_"]
+    for entry in entries:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, own)
+            continue
+        if not isinstance(entry, str):
+            invalid_value("defaults", defaults, "a list of algorithm config names (configs/algorithm/<name>.yaml)")
+        path = Path(config_dir) / f"{entry}.yaml"
+        if entry in _chain:
+            raise ConfigError(f"algorithm.defaults: '{entry}' includes itself ({' -> '.join([*_chain, entry])})")
+        if not path.is_file():
+            raise ConfigError(f"algorithm.defaults: no algorithm config '{entry}' ({path} does not exist)")
+        base = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        base = resolve_defaults(base, config_dir, (*_chain, entry))
+        base.pop("defaults", None)
+        merged = OmegaConf.merge(merged, base)
+    out = OmegaConf.to_container(merged, resolve=True)
+    out["defaults"] = list(defaults)
+    return out
+
+
 def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
     """Algorithm from its config (dict, DictConfig or Config dataclass instance).
 
     Looks up ``ALGORITHMS.get(cfg.name)`` (UnknownNameError lists the registered names),
     merges ``cfg`` onto the class's structured ``Config`` (unknown key or wrong type ->
     ValueError naming ``algorithm.<key>``), validates and instantiates with ``total_steps``.
+    A raw yaml's ``defaults`` list is resolved first (:func:`resolve_defaults`).
     """
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = OmegaConf.structured(cfg)
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    cfg = dict(cfg or {})
+    cfg = resolve_defaults(dict(cfg or {}))
     if not cfg.get("name"):
         raise ConfigError("algorithm.name is required; registered: " + ", ".join(ALGORITHMS.names()))
     cls = ALGORITHMS.get(cfg["name"])

@@ -12,7 +12,7 @@ import torch
 
 from framework.types import LossNormalizer
 
-LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum")
 
 
 def clipped_surrogate(
@@ -42,6 +42,90 @@ def clipped_surrogate(
         low = (rho < 1.0 - eps_low) & (adv < 0)
         high = (rho > 1.0 + eps_high) & (adv > 0)
     return s, low, high
+
+
+def sequence_log_ratio(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log of the sequence importance ratio (GSPO):
+
+        log s_i = (1/|o_i|) sum_t m_it (logp_it - logp_old_it)
+
+    logp, logp_old, mask [N, T] -> [N] (gradient through ``logp``; a sequence with no counted
+    token gets 0, i.e. s_i = 1). Needs whole rows: micro-batches split rows, never tokens."""
+    m = mask.to(logp.dtype)
+    lengths = m.sum(-1)
+    lengths = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
+    return ((logp - logp_old.detach()) * m).sum(-1) / lengths
+
+
+def gspo_surrogate(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    token_level: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO's clipped sequence-level surrogate (arXiv 2507.18071), broadcast to the tokens:
+
+        s_i      = exp((1/|o_i|) sum_t (logp_it - logp_old_it))         (sequence ratio)
+        J_i      = min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
+        out_it   = J_i for every t                      (token_level=False: GSPO)
+
+    With ``seq_mean_token_mean`` aggregation the loss is -(1/B) sum_i J_i, GSPO's objective;
+    d out_it / d logp_is = s_i A_i / |o_i| (unclipped), 0 for every token of a clipped sequence.
+    token_level=True is GSPO-token: s_it = sg(s_i) * exp(logp_it - sg(logp_it)) (value s_i)
+    clipped per token; with one advantage per sequence (all this trainer has) its value and
+    gradient equal GSPO's, as the paper notes.
+
+    logp, logp_old, mask [N, T]; advantages [N]. Returns (out [N, T], clipped_low [N, T],
+    clipped_high [N, T]), the flags broadcast from the sequence (the tokens of clipped sequences).
+    """
+    adv = advantages.detach().to(logp.dtype)
+    log_s = sequence_log_ratio(logp, logp_old, mask)
+    if token_level:
+        ratio = torch.exp(log_s.detach().unsqueeze(-1) + logp - logp.detach())  # [N, T], value s_i
+        a = adv.unsqueeze(-1)
+    else:
+        ratio = torch.exp(log_s)  # [N]
+        a = adv
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
+    s = torch.where(clipped < unclipped, clipped, unclipped)
+    with torch.no_grad():
+        low = (ratio < 1.0 - eps_low) & (a < 0)
+        high = (ratio > 1.0 + eps_high) & (a > 0)
+    if not token_level:
+        T = logp.shape[-1]
+        s = s.unsqueeze(-1).expand(-1, T)
+        low, high = low.unsqueeze(-1).expand(-1, T), high.unsqueeze(-1).expand(-1, T)
+    return s, low, high
+
+
+def cispo_surrogate(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CISPO's per-token objective (MiniMax-M1, arXiv 2506.13585, section 3.1):
+
+        r_it = exp(logp_it - logp_old_it),   w_it = clip(r_it, 1 - eps_low, 1 + eps_high)
+        out_it = sg(w_it) * A_i * logp_it
+
+    so d out_it / d logp_it = w_it A_i for every token: a token whose ratio exceeds the cap is
+    not dropped (as the PPO clip drops it) but weighted by the capped value. eps_low = 1 puts
+    no lower bound on the weight (the paper's choice). Returns (out [N, T], capped_low,
+    capped_high) with capped_* the tokens whose weight was capped (they still get a gradient).
+    """
+    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
+    with torch.no_grad():
+        ratio = torch.exp(logp - logp_old)
+        w = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+        low = ratio < 1.0 - eps_low
+        high = ratio > 1.0 + eps_high
+    return w * adv * logp, low, high
 
 
 def truncated_is_weights(
@@ -78,6 +162,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: Loss
         seq_mean_token_mean     : sum_i (1/|o_i|) sum_t m l / B        (GRPO)
         token_mean              : sum_{i,t} m l / num_tokens           (DAPO)
         seq_mean_token_sum_norm : sum_{i,t} m l / (B * L_max)          (Dr. GRPO)
+        seq_mean_token_sum      : sum_{i,t} m l / B                    (RLOO: the completion is one
+                                                                        action, log pi(o|q) = sum_t)
 
     |o_i| = sum_t m_it is the sample's own length (local); B = norm.num_sequences,
     num_tokens = norm.num_tokens, L_max = norm.max_len are global to the mini-batch, so the
@@ -94,6 +180,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: Loss
         return ml.sum() / _safe(norm.num_tokens)
     if mode == "seq_mean_token_sum_norm":
         return ml.sum() / _safe(norm.num_sequences * norm.max_len)
+    if mode == "seq_mean_token_sum":
+        return ml.sum() / _safe(norm.num_sequences)
     raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 

@@ -405,11 +405,7 @@ def test_reinforce_pp_advantages_and_loss_against_reference(variant):
     # tokens-weighted: the 7-token answer counts 7 times (samples-weighted differs)
     assert not close(ref_rpp_adv(REWARDS, baseline=baseline, by="samples"), A, 1e-3)
     ro_s = make_rollout()
-    build(
-        variant if not baseline else "reinforce_pp",
-        baseline="group_mean" if baseline else "none",
-        normalize_by="samples",
-    ).prepare(ro_s, 0)
+    build("reinforce_pp", baseline="group_mean" if baseline else "none", normalize_by="samples").prepare(ro_s, 0)
     assert close(ro_s.advantages, ref_rpp_adv(REWARDS, baseline=baseline, by="samples"))
 
     logits, ids, old, ref = tiny_model(1)
@@ -690,11 +686,19 @@ def cfg_for(tmp_path, *overrides):
         )
 
 
-# Measured on 2 CPU cores (seeds 0 and 1, see the report of issue 14): held-out sampled
-# accuracy of the warm-started tiny model starts at ~0.21; after STEPS steps each algorithm is
-# above it by at least MARGIN on both seeds.
+# Budget: 40 RL steps (16 prompts x 8 completions) on the default synthetic task, evaluated at
+# the start and the end on 100 held-out questions x 4 samples at the rollout temperature, with
+# a 20% learning-rate warm-up (without it the first full-size Adam steps knock the warm-started
+# tiny model down: greedy accuracy 0.84 -> 0.2 after 2 steps on seed 1). GSPO and CISPO have no
+# KL term in their papers; here they get GRPO's (beta 0.04, k3) as an anchor: without it GSPO
+# collapsed onto one answer on seed 1 (greedy 0.84 -> 0.18, sampled 0.21 -> 0.16 after 40 steps).
+# Measured (issue 14; 2 CPU cores, one thread per run, seeds 0 / 1), sampled accuracy:
+#   gspo 0.200 -> 0.365 / 0.213 -> 0.335     rloo         0.200 -> 0.335 / 0.213 -> 0.390
+#   cispo 0.200 -> 0.328 / 0.213 -> 0.340    reinforce_pp 0.200 -> 0.403 / 0.213 -> 0.313
+# so MARGIN is half the smallest of the 8 gains (0.10).
 STEPS = 40
-MARGIN = 0.03
+MARGIN = 0.05
+KL_ANCHOR = {"gspo": ["algorithm.kl.coef=0.04"], "cispo": ["algorithm.kl.coef=0.04"]}
 
 
 @pytest.mark.slow
@@ -705,10 +709,11 @@ def test_training_improves_heldout_accuracy(tmp_path, algorithm):
             tmp_path,
             f"algorithm={algorithm}",
             f"trainer.max_steps={STEPS}",
+            "optim.warmup_ratio=0.2",
             "trainer.eval_every=0",
             "trainer.eval_size=100",
             "trainer.eval_samples=4",
-            "trainer.save_every=0",
+            *KL_ANCHOR.get(algorithm, []),
         )
     )
     acc = res.metric("eval/accuracy_sampled")
