@@ -19,7 +19,9 @@ class _AppendingWriter(ExperimentWriter):
     rows of RL steps after ``keep_until`` (redone by the resumed run) are dropped, the header is
     kept so that new columns are merged in."""
 
-    keep_until: int | None = None
+    def __init__(self, log_dir: str, keep_until: int | None = None):
+        self.keep_until = keep_until  # before super().__init__: it calls _check_log_dir_exists
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
         p = Path(self.metrics_file_path)
@@ -58,8 +60,7 @@ class RunCSVLogger(CSVLogger):
     def experiment(self):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            _AppendingWriter.keep_until = self._keep_until
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(self.log_dir, keep_until=self._keep_until)
         return self._experiment
 
 

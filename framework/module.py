@@ -29,7 +29,7 @@ from algorithms.schedules import lr_multiplier
 from framework.distributed import GradientSync, is_sharded, make_gradient_sync, shard_model, uses_fsdp
 from framework.errors import NonFiniteError  # noqa: F401  (raised by the update; importable from here)
 from framework.logprobs import RolloutLogProbs
-from framework.metrics import reduce_over_ranks, rollout_metrics, sampler_gap, tis_metrics
+from framework.metrics import pass_rates, reduce_over_ranks, rollout_metrics, sampler_gap, tis_metrics
 from framework.rollout.base import SamplingParams
 from framework.rollout.collector import DynamicSampling, RolloutCollector
 from framework.rollout.inputs import encode_prompts
@@ -264,7 +264,7 @@ class RLModule(L.LightningModule):
             float(rollout.completion_mask.sum()) * self.algo.ppo_epochs / max(update_s, 1e-9)
         )
         world = self.trainer.world_size if self._trainer is not None else 1
-        self._log(reduce_over_ranks(metrics, world), pass_rates=rollout.correct.view(-1, G).mean(1).tolist())
+        self._log(reduce_over_ranks(metrics, world), group_pass_rates=pass_rates(rollout, G).tolist())
         every = self.s["trainer"].log_completions_every
         if every and (self.rl_step - 1) % every == 0:
             self._log_table(rollout)
@@ -323,7 +323,7 @@ class RLModule(L.LightningModule):
 
         return [lg for lg in self.loggers if isinstance(lg, WandbLogger)] if self._trainer is not None else []
 
-    def _log(self, metrics: dict[str, float], pass_rates: list[float] | None = None) -> None:
+    def _log(self, metrics: dict[str, float], group_pass_rates: list[float] | None = None) -> None:
         """One row per call, at the RL step, to every logger (CSV, W&B) and to ``history``.
 
         The loggers are called directly rather than through ``self.log``: Lightning's step is
@@ -340,10 +340,10 @@ class RLModule(L.LightningModule):
                 self.log(k, clean[k], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         wandb_loggers = self._wandb_loggers()
         for lg in self.loggers:
-            if lg in wandb_loggers and pass_rates:
+            if lg in wandb_loggers and group_pass_rates:
                 import wandb
 
-                lg.log_metrics({**row, "pass_rate/hist": wandb.Histogram(pass_rates)}, step=self.rl_step)
+                lg.log_metrics({**row, "pass_rate/hist": wandb.Histogram(group_pass_rates)}, step=self.rl_step)
             else:
                 lg.log_metrics(row, step=self.rl_step)
 
