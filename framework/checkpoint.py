@@ -316,8 +316,10 @@ def resume_config(cfg: DictConfig, explicit: dict[str, Any]) -> tuple[DictConfig
 
 def explicit_overrides(cfg: DictConfig, default: DictConfig | None, hydra_overrides: list[str] | None) -> dict:
     """What the user set: every leaf of ``cfg`` that differs from the ``default`` composition,
-    plus the leaves named by Hydra's command-line overrides (``hydra_overrides``), with their
-    values in ``cfg``."""
+    plus the leaves named by Hydra's command-line overrides (``hydra_overrides``: None when
+    composed outside a Hydra app), with their values in ``cfg``; and ``output_dir`` when the
+    user chose the folder (``output_dir=`` / ``hydra.run.dir=`` on the command line, or a
+    literal ``output_dir`` in a composed config rather than Hydra's timestamp folder)."""
     now = _flat(plain(cfg))
     out = {}
     if default is not None:
@@ -326,4 +328,10 @@ def explicit_overrides(cfg: DictConfig, default: DictConfig | None, hydra_overri
     for o in hydra_overrides or []:
         key = o.split("=", 1)[0].lstrip("+~")
         out.update({k: v for k, v in now.items() if k == key or k.startswith(key + ".")})
+    raw_out = OmegaConf.to_container(cfg, resolve=False).get("output_dir")
+    if hydra_overrides is not None:
+        if any(o.split("=", 1)[0] in ("output_dir", "hydra.run.dir") for o in hydra_overrides):
+            out["output_dir"] = str(cfg.output_dir)
+    elif raw_out and "${" not in str(raw_out):
+        out["output_dir"] = str(raw_out)
     return out

@@ -107,12 +107,6 @@ def continue_run(cfg: DictConfig):
 
     hydra_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
     explicit = explicit_overrides(cfg, _default_config(), hydra_overrides)
-    raw_out = OmegaConf.to_container(cfg, resolve=False).get("output_dir")
-    if hydra_overrides is not None:
-        if any(o.split("=", 1)[0] in ("output_dir", "hydra.run.dir") for o in hydra_overrides):
-            explicit["output_dir"] = str(cfg.output_dir)
-    elif raw_out and "${" not in str(raw_out):
-        explicit["output_dir"] = str(raw_out)
     merged, info, d = resume_config(cfg, explicit)
     log.info("apo-rl: resuming %s (RL step %s) into %s", d, info.rl_step if info else "?", merged.output_dir)
     return merged, info
