@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from typing import Any
 
@@ -77,9 +76,6 @@ class RLModule(L.LightningModule):
         self.history: list[dict[str, float]] = []  # every logged metric row, for tests and reports
         self._last_eval_step = -1
         self._pending_rng: torch.Tensor | None = None  # RNG state restored by a resume
-        # a progress line per trainer.log_every steps instead of Lightning's bar when there is no
-        # terminal to draw it on (or the bar is off)
-        self.plain_progress = not (sections["trainer"].progress_bar and sys.stdout.isatty())
         # built in on_fit_start, once the strategy and the device are known
         self.engine = None
         self.grad_sync: GradientSync = GradientSync()
@@ -268,18 +264,6 @@ class RLModule(L.LightningModule):
         every = self.s["trainer"].log_completions_every
         if every and (self.rl_step - 1) % every == 0:
             self._log_table(rollout)
-        t = self.s["trainer"]
-        if self.plain_progress and (self.rl_step % t.log_every == 0 or self.rl_step == t.max_steps):
-            m = metrics  # without a terminal (SLURM, nohup, > log): one flushed line instead of a bar
-            log.info(
-                "step %d/%d  reward %.3f  accuracy %.3f  kl %.4g  %.1f s/step",
-                self.rl_step,
-                t.max_steps,
-                m.get("reward", float("nan")),
-                m.get("accuracy", float("nan")),
-                m.get("kl", float("nan")),
-                m["timing_s/step"],
-            )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.config import ConfigError, canonical_dtype, check_machine, validate_run_config
 from framework.errors import Preempted
 from framework.loggers import make_loggers, wandb_mode
+from framework.progress import progress_callback, use_rich_bar
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -312,10 +313,11 @@ def train(cfg: DictConfig) -> RunResult:
         logger=make_loggers(
             s["logger"], run_config, out, wandb_id=wandb_id, resumed_step=info.rl_step if info else None
         ),
-        callbacks=[ckpt_cb],
+        # progress in RL steps: Lightning's rich bar in a terminal, else a plain line per log_every
+        callbacks=[ckpt_cb, progress_callback(t.progress_bar, t.log_every, t.max_steps)],
         log_every_n_steps=t.log_every,
         enable_checkpointing=False,
-        enable_progress_bar=not module.plain_progress,  # the bar only in a terminal; else a line per step
+        enable_progress_bar=use_rich_bar(t.progress_bar),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(out),
