@@ -15,7 +15,17 @@ from framework.distributed import all_reduce
 from framework.types import Rollout
 
 # metrics that add up over ranks (each rank holds its share of a global sum); the rest are means
-ADDITIVE = ("loss", "policy_loss", "kl_loss", "kl", "clip_ratio", "clip_ratio/low", "clip_ratio/high", "entropy")
+ADDITIVE = (
+    "loss",
+    "policy_loss",
+    "kl_loss",
+    "kl",
+    "clip_ratio",
+    "clip_ratio/low",
+    "clip_ratio/high",
+    "entropy",
+    "perf/total_tokens",
+)
 
 
 def pass_rates(r: Rollout, group_size: int) -> torch.Tensor:
@@ -40,6 +50,56 @@ def rollout_metrics(r: Rollout, group_size: int) -> dict[str, float]:
         "pass_rate/all_correct": float((pr == 1).float().mean()),
         "pass_rate/all_wrong": float((pr == 0).float().mean()),
     }
+
+
+# dense bf16 peak FLOP/s of the GPUs perf/mfu knows (datasheets); other devices log no MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+# the phases of one RL step, each logged as timing_s/<phase> (0.0 when it did not run)
+PHASES = ("rollout", "reward", "ref_logp", "old_logp", "update", "sync")
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of ``device`` when it is a GPU in :data:`PEAK_TFLOPS`, else None."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def step_perf(
+    r: Rollout,
+    timings: dict[str, float],
+    *,
+    ppo_epochs: int,
+    no_grad_passes: int,
+    n_params: int,
+    peak: float | None,
+) -> dict[str, float]:
+    """Throughput of one RL step on this rank (the verl / EasyR1 definitions).
+
+    * ``perf/throughput`` = all tokens of the step (prompt + completion of every sample, by the
+      attention mask) / step time; the mean over ranks is tokens / (step time x devices).
+    * ``perf/update_tokens_per_s`` = completion tokens x ppo_epochs / update time.
+    * ``perf/mfu`` (GPUs of known peak only) = model FLOPs / (step time x peak), with the
+      usual 2 N FLOPs per token of a forward and 6 N of a forward + backward (N: ``n_params``,
+      the language model's parameters; attention and the vision tower are not counted): the
+      generation's forward over every token, ``no_grad_passes`` reference / old-policy
+      forwards and ``ppo_epochs`` training passes.
+    """
+    completion = float(r.completion_mask.sum())
+    prompt = float(r.prompt_inputs["attention_mask"].sum()) if "attention_mask" in r.prompt_inputs else 0.0
+    tokens = prompt + completion
+    step_s = max(timings["step"], 1e-9)
+    out = {
+        "perf/throughput": tokens / step_s,
+        "perf/update_tokens_per_s": completion * ppo_epochs / max(timings["update"], 1e-9),
+        "perf/total_tokens": tokens,
+    }
+    if peak:
+        flops = 2 * n_params * tokens * (1 + no_grad_passes) + 6 * n_params * tokens * ppo_epochs
+        out["perf/mfu"] = flops / (step_s * peak)
+    return out
 
 
 def reduce_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:

@@ -28,7 +28,15 @@ from algorithms.schedules import lr_multiplier
 from framework.distributed import GradientSync, is_sharded, make_gradient_sync, shard_model, uses_fsdp
 from framework.errors import NonFiniteError  # noqa: F401  (raised by the update; importable from here)
 from framework.logprobs import RolloutLogProbs
-from framework.metrics import pass_rates, reduce_over_ranks, rollout_metrics, sampler_gap, tis_metrics
+from framework.metrics import (
+    pass_rates,
+    peak_flops,
+    reduce_over_ranks,
+    rollout_metrics,
+    sampler_gap,
+    step_perf,
+    tis_metrics,
+)
 from framework.rollout.base import SamplingParams
 from framework.rollout.collector import DynamicSampling, RolloutCollector
 from framework.rollout.inputs import encode_prompts
@@ -116,6 +124,9 @@ class RLModule(L.LightningModule):
             self.reference.to(self.device)
         r, t = self.s["rollout"], self.s["trainer"]
         self.engine = self.engine_factory(self.policy)
+        # perf/mfu: the language model's parameters (2 N FLOPs per token forward) and the GPU's peak
+        self._n_text_params = sum(p.numel() for n, p in self.policy.named_parameters() if "visual" not in n)
+        self._peak_flops = peak_flops(self.device)
         self.grad_sync = make_gradient_sync(self.trainer)
         self.logprobs = RolloutLogProbs(r.temperature or 1.0, t.logprob_chunk_size, self.device)
         fg = self.algo.filter_groups
@@ -162,9 +173,9 @@ class RLModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, records, batch_idx):
-        t_step = time.perf_counter()
         self._restore_rng()
-        self._evaluate_if_due()
+        self._evaluate_if_due()  # not part of the step's timing (eval/* rows are their own)
+        t_step = time.perf_counter()
         rollout, metrics = self.collector(records, self.rl_step)  # generate, decode, score (+ DAPO refills)
         self._engine_sleep()  # free the engine's memory for the forward/backward passes
         algo_metrics = self.algo.prepare(rollout, step=self.global_step)  # advantages, beta_i
@@ -220,7 +231,8 @@ class RLModule(L.LightningModule):
         t0 = time.perf_counter()
         if self.algo.needs_reference and self.reference is not None:
             rollout.logp_ref = self.logprobs.no_grad(self.reference, rollout, mbs)
-        metrics["timing_s/ref"] = time.perf_counter() - t0
+        metrics["timing_s/ref_logp"] = time.perf_counter() - t0
+        metrics["timing_s/old_logp"] = 0.0
         # several optimizer steps per rollout (ppo_epochs or mini-batches): every step after the
         # first is off-policy, so the rollout policy's log-probs are taken once, before any update,
         # and every mini-batch's ratio (and clip) is against them
@@ -229,7 +241,9 @@ class RLModule(L.LightningModule):
             rollout.logp_old = self.logprobs.no_grad(self.policy, rollout, mbs)
             metrics["timing_s/old_logp"] = time.perf_counter() - t1
         if rollout.logp_sampler is not None:
+            t1 = time.perf_counter()
             lp = rollout.logp_old if rollout.logp_old is not None else self.logprobs.no_grad(self.policy, rollout, mbs)
+            metrics["timing_s/old_logp"] += time.perf_counter() - t1
             m = rollout.completion_mask
             metrics.update(sampler_gap(rollout.logp_sampler, lp, m))
             if metrics["rollout/logp_diff_mean"] > self.s["rollout"].logp_diff_warn:
@@ -256,8 +270,15 @@ class RLModule(L.LightningModule):
         metrics.update(rollout_metrics(rollout, G))
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["timing_s/step"] = time.perf_counter() - t_step
-        metrics["perf/update_tokens_per_s"] = (
-            float(rollout.completion_mask.sum()) * self.algo.ppo_epochs / max(update_s, 1e-9)
+        metrics.update(
+            step_perf(
+                rollout,
+                {"step": metrics["timing_s/step"], "update": update_s},
+                ppo_epochs=self.algo.ppo_epochs,
+                no_grad_passes=int(rollout.logp_ref is not None) + int(rollout.logp_old is not None),
+                n_params=self._n_text_params,
+                peak=self._peak_flops,
+            )
         )
         world = self.trainer.world_size if self._trainer is not None else 1
         self._log(reduce_over_ranks(metrics, world), group_pass_rates=pass_rates(rollout, G).tolist())

@@ -60,6 +60,7 @@ class RolloutCollector:
     def __call__(self, records: list[dict], rl_step: int) -> tuple[Rollout, dict[str, float]]:
         """The rollout of one RL step and its metrics (timings, rewards, refill rounds)."""
         metrics: dict[str, float] = {}
+        self._tokens = 0.0  # completion tokens of all rounds, for perf/rollout_tokens_per_s
         first = self.collect(records, rl_step, metrics)
         if self.dynamic is None:
             return first, metrics
@@ -105,7 +106,8 @@ class RolloutCollector:
         t2 = time.perf_counter()
         metrics["timing_s/rollout"] = metrics.get("timing_s/rollout", 0.0) + (t1 - t0)
         metrics["timing_s/reward"] = metrics.get("timing_s/reward", 0.0) + (t2 - t1)
-        metrics["perf/rollout_tokens_per_s"] = float(gen.completion_mask.sum()) / max(t1 - t0, 1e-9)
+        self._tokens = getattr(self, "_tokens", 0.0) + float(gen.completion_mask.sum())
+        metrics["perf/rollout_tokens_per_s"] = self._tokens / max(metrics["timing_s/rollout"], 1e-9)
         metrics.update(scores.metrics)
 
         def as_tensor(x):
