@@ -44,9 +44,15 @@ def resolve_checkpoint(checkpoint: Any) -> str:
             "checkpoint is not set: checkpoint=<…/checkpoints/step-N/policy, a step folder, "
             "or a Hugging Face model folder / hub id>"
         )
+    from framework.models.lora import is_adapter_folder
+
     p = Path(str(checkpoint)).expanduser()
     if p.is_file() and p.name == "state.ckpt":
         p = p.parent
+    if p.is_dir() and not (p / "config.json").exists() and is_adapter_folder(p / "policy"):
+        p = p / "policy"  # a LoRA run's step folder
+    if is_adapter_folder(p):  # a LoRA adapter: evaluated on its base model, merged
+        return str(p)
     if p.is_dir() and not (p / "config.json").exists() and (p / "policy" / "config.json").exists():
         p = p / "policy"
     return resolve_path(str(p) if p.exists() else str(checkpoint))
@@ -70,7 +76,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
     from framework.evaluation import Evaluator
-    from framework.models.loading import load_model, load_model_bundle
+    from framework.models.loading import load_model, load_model_bundle, resolve_path
+    from framework.models.lora import adapter_base, is_adapter_folder, load_adapted
     from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
     from framework.rollout.inputs import encode_prompts
     from rewards.base import RewardSet
@@ -93,9 +100,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     try:
         torch.manual_seed(int(cfg.seed))
         t0 = time.perf_counter()
-        bundle = load_model_bundle(path)
         device = _device(str(cfg.device))
-        model = load_model(path, mcfg.dtype, trainable=False, attn_implementation=mcfg.attn_implementation).to(device)
+        if is_adapter_folder(path):  # its base model (adapter_config.json) with the adapter merged
+            bundle = load_model_bundle(resolve_path(adapter_base(path)))
+            model = load_adapted(path, mcfg.dtype, attn_implementation=mcfg.attn_implementation).to(device)
+        else:
+            bundle = load_model_bundle(path)
+            model = load_model(path, mcfg.dtype, trainable=False, attn_implementation=mcfg.attn_implementation)
+            model = model.to(device)
 
         ds = load_data(data_cfg)
         split = str(cfg.split)

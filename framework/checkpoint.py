@@ -1,7 +1,9 @@
 """Checkpoints: ``checkpoints/step-NNNNNN/`` holds
 
     policy/          Hugging Face format (``from_pretrained``), with its tokenizer/processor,
-                     in ``model.export_dtype`` (default: model.dtype)
+                     in ``model.export_dtype`` (default: model.dtype); with LoRA the adapter
+                     (``PeftModel.from_pretrained``), and with model.lora.export_merged also
+                     merged/: the adapted model merged, in Hugging Face format
     state.ckpt       Lightning's checkpoint: the (master) weights as trained, optimizer, LR
                      scheduler, loop progress, RL step, RNG state
     run_config.yaml  the run's composed config: ``resume=`` alone continues *this* run
@@ -80,12 +82,21 @@ class RunInfo:
 
 class RLCheckpoint(L.Callback):
     def __init__(
-        self, root: Path, every: int, bundle, export_dtype=None, run_config: dict | None = None, wandb_id=None
+        self,
+        root: Path,
+        every: int,
+        bundle,
+        export_dtype=None,
+        run_config: dict | None = None,
+        wandb_id=None,
+        export_merged: bool = False,
     ):
         """``export_dtype``: the torch dtype of the ``policy/`` export (None: the weights' own);
         ``state.ckpt`` always holds the (master) weights as they are trained. ``run_config``:
-        the run's composed config, stored with every checkpoint."""
+        the run's composed config, stored with every checkpoint. A LoRA policy's ``policy/`` is
+        its adapter; ``export_merged`` adds ``merged/``, the model with the adapters merged."""
         self.root, self.every, self.bundle, self.export_dtype = Path(root), every, bundle, export_dtype
+        self.export_merged = export_merged
         self.run_config, self.wandb_id = run_config, wandb_id
         self.last: Path | None = None
 
@@ -102,14 +113,24 @@ class RLCheckpoint(L.Callback):
         # FSDP: the policy's shards gathered on every rank (a collective), written by rank 0
         full = full_state_dict_for_export(module.policy) if is_sharded(module.policy) else None
         if trainer.is_global_zero:
-            if self.export_dtype is not None:  # e.g. fp32 master weights exported in bf16
-                sd = full if full is not None else module.policy.state_dict()
-                full = {k: v.to(self.export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-            module.policy.save_pretrained(str(tmp / "policy"), state_dict=full)
-            self.bundle.tokenizer.save_pretrained(str(tmp / "policy"))
-            ip = getattr(self.bundle.processor, "image_processor", None)
-            if ip is not None:
-                ip.save_pretrained(str(tmp / "policy"))
+            from framework.models.lora import MERGED, is_lora, save_checkpoint_policy
+
+            folders = ["policy"]
+            if is_lora(module.policy):  # the adapter, and with export_merged the merged model
+                save_checkpoint_policy(
+                    module.policy, tmp, export_dtype=self.export_dtype, full_state_dict=full, merged=self.export_merged
+                )
+                folders += [MERGED] if self.export_merged else []
+            else:
+                if self.export_dtype is not None:  # e.g. fp32 master weights exported in bf16
+                    sd = full if full is not None else module.policy.state_dict()
+                    full = {k: v.to(self.export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+                module.policy.save_pretrained(str(tmp / "policy"), state_dict=full)
+            for f in folders:
+                self.bundle.tokenizer.save_pretrained(str(tmp / f))
+                ip = getattr(self.bundle.processor, "image_processor", None)
+                if ip is not None:
+                    ip.save_pretrained(str(tmp / f))
             if self.run_config is not None:
                 (tmp / RUN_CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(self.run_config)))
             info = RunInfo(rl_step=module.rl_step, output_dir=str(self.root.parent), wandb_id=self.wandb_id)

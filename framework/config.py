@@ -28,6 +28,59 @@ def _positive(key: str, value, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+# peft's initialisations that leave the base weights as they are (the others, pissa, olora, corda,
+# loftq, eva, mica, rewrite them, so disabled adapters would no longer be the reference model)
+LORA_INITS = (True, False, "gaussian", "orthogonal")
+
+
+@dataclass
+class LoraOptions:
+    """``model.lora``: train peft LoRA adapters instead of the full weights (framework/models/lora.py).
+    The names are peft's (``LoraConfig``): r, lora_alpha (``alpha``), lora_dropout (``dropout``),
+    target_modules, init_lora_weights. The frozen reference is the policy with its adapters disabled."""
+
+    enabled: bool = False
+    r: int = 16  # rank of the adapters
+    alpha: float = 32.0  # peft's lora_alpha: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # peft's lora_dropout (0: the rollout policy and the trained one are the same function)
+    # all-linear (every linear layer of the language model, not the LM head), a list of module
+    # names (matched as name suffixes, e.g. [q_proj, v_proj]) or a regular expression (full match)
+    target_modules: Any = "all-linear"
+    vision: bool = False  # adapters on the vision tower's linear layers too (false: it stays frozen as it is)
+    init_lora_weights: Any = True  # true (B = 0: the adapted model starts as the base) | false | gaussian | orthogonal
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    path: Optional[str] = None  # a peft adapter folder (adapter_config.json) to continue from; its r/alpha/targets win
+    export_merged: bool = False  # checkpoints also hold merged/: the base with the adapters merged (from_pretrained)
+
+    def validate(self, p: str) -> None:
+        if not self.enabled:
+            default = LoraOptions()
+            changed = [
+                f.name
+                for f in fields(self)
+                if f.name != "enabled" and getattr(self, f.name) != getattr(default, f.name)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"{p}.{changed[0]}={getattr(self, changed[0])!r} is set but {p}.enabled=false, so it would do "
+                    f"nothing: add {p}.enabled=true to train LoRA adapters (or drop {p}.{changed[0]})"
+                )
+            return
+        if not _is_int(self.r) or self.r <= 0:
+            raise ConfigError(f"{p}.r={self.r!r} must be an integer > 0 (the adapters' rank, e.g. 16 or 64)")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"{p}.alpha={self.alpha!r} must be > 0 (peft's lora_alpha; the scale is alpha / r)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{p}.dropout={self.dropout!r} must be in [0, 1)")
+        _str_or_str_list(f"{p}.target_modules", self.target_modules, none_ok=False)
+        if self.init_lora_weights not in LORA_INITS:
+            raise ConfigError(
+                f"{p}.init_lora_weights={self.init_lora_weights!r} is not allowed; choose true, false, gaussian or "
+                "orthogonal (pissa, olora, corda, loftq, eva and mica rewrite the base weights, so the reference "
+                "could no longer be the base model with the adapters disabled)"
+            )
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny:qwen2_5_vl-sft"
@@ -43,8 +96,10 @@ class ModelConfig:
     # recommended learning rate for this model (optim.lr defaults to it); the default is the tiny
     # model's: a 0.6M-parameter model needs a far larger lr than a 3B one (1e-3 collapses it)
     lr: float = 3e-4
+    lora: LoraOptions = field(default_factory=LoraOptions)  # LoRA adapters instead of the full weights
 
     def validate(self, p: str) -> None:
+        self.lora.validate(f"{p}.lora")
         dtypes = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
         _choice(f"{p}.dtype", self.dtype, dtypes)
         _choice(f"{p}.master_dtype", self.master_dtype, dtypes)

@@ -13,6 +13,10 @@ activations and KV cache are estimates from the architecture:
     gradients      N_train * b_p / S            (kept in the parameter dtype)
     optimizer      2 * N_train * b_p / S        (AdamW: exp_avg, exp_avg_sq)
     reference      N * b_c / S                  (0 when the algorithm never needs it)
+
+    With LoRA (model.lora, n adapter parameters): weights N * b_c + n * b_p (the frozen base in
+    the compute dtype), gradients n * b_p, optimizer 2 n b_p, reference 0 (the policy with its
+    adapters disabled).
     FSDP gathered  (root unit + 2 largest blocks) * b_c    (the blocks being computed/prefetched)
     activations    one micro-batch of t = micro_batch_size * (max_prompt_tokens + max_new_tokens)
                    tokens: per block a_l = t * (8h + 3 kv + 4 I) * b_c (saved inputs of norms,
@@ -180,8 +184,10 @@ def estimate(
     vllm_sleep: bool = False,
     device_bytes: float | None = None,
     device_name: str = "",
+    lora_params: int | None = None,
 ) -> MemoryBudget:
-    """The budget for one device; see the module docstring for every formula."""
+    """The budget for one device; see the module docstring for every formula. ``lora_params``:
+    the number of LoRA adapter parameters when only they are trained (model.lora)."""
     a = architecture(cfg)
     b_p = BYTES[model_dtype]
     sharded = fsdp is not None
@@ -191,16 +197,19 @@ def estimate(
     offload = sharded and bool(fsdp.cpu_offload)
     ckpt = (sharded and bool(fsdp.activation_checkpointing)) or gradient_checkpointing
     n_train = counts.total - (counts.vision if freeze_vision_tower else 0)
+    lora = lora_params is not None
+    b_r = BYTES[compute_dtype] if compute_dtype else b_p  # the reference is loaded in the compute dtype
+    if lora:  # the frozen base in the compute dtype, the adapters are the master weights
+        n_train = lora_params
     on_dev = 0.0 if offload else 1.0
     where = " (on the CPU: offloaded)" if offload else ""
     shard_note = f" / {S} shards" if sharded else ""
 
     out = MemoryBudget(device_bytes=device_bytes, device_name=device_name)
-    weights = on_dev * counts.total * b_p / S
+    weights = on_dev * (counts.total * b_r + n_train * b_p if lora else counts.total * b_p) / S
     grads = on_dev * n_train * b_p / S
     optim = on_dev * 2 * n_train * b_p / S
-    b_r = BYTES[compute_dtype] if compute_dtype else b_p  # the reference is loaded in the compute dtype
-    ref = on_dev * counts.total * b_r / S if needs_reference else 0.0
+    ref = on_dev * counts.total * b_r / S if needs_reference and not lora else 0.0
     gathered = (counts.root + 2 * counts.largest_block) * b_c if sharded else 0.0
     t = micro_batch_size * (prompt_tokens + new_tokens)
     per_block = t * (8 * a.hidden + 3 * a.kv_dim + 4 * a.intermediate) * b_c
@@ -215,14 +224,22 @@ def estimate(
         kv = 0.0
 
     out.rows += [
-        ("weights", weights, f"{_count(counts.total)} params x {b_p} B{shard_note}{where}"),
-        ("gradients", grads, f"{_count(n_train)} trainable x {b_p} B{shard_note}{where}"),
+        (
+            "weights",
+            weights,
+            f"{_count(counts.total)} frozen x {b_r} B + {_count(n_train)} LoRA x {b_p} B{shard_note}{where}"
+            if lora
+            else f"{_count(counts.total)} params x {b_p} B{shard_note}{where}",
+        ),
+        ("gradients", grads, f"{_count(n_train)} {'LoRA' if lora else 'trainable'} x {b_p} B{shard_note}{where}"),
         ("optimizer", optim, f"AdamW 2 x {_count(n_train)} x {b_p} B{shard_note}{where}"),
         (
             "reference",
             ref,
             (
-                f"frozen copy x {b_r} B{shard_note}{where}"
+                "none: the policy with its LoRA adapters disabled (no copy)"
+                if needs_reference and lora
+                else f"frozen copy x {b_r} B{shard_note}{where}"
                 if needs_reference
                 else "not loaded (the algorithm never uses it)"
             ),
@@ -261,6 +278,11 @@ def budget_for_run(path: str, sections: dict, algorithm, world_size: int, prompt
 
     cfg = AutoConfig.from_pretrained(path)
     m, t, r = sections["model"], sections["trainer"], sections["rollout"]
+    lora_params = None
+    if m.lora.enabled:
+        from framework.models.lora import check_lora
+
+        lora_params = check_lora(path, m.lora)
     device_bytes, name = None, ""
     if t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -285,4 +307,5 @@ def budget_for_run(path: str, sections: dict, algorithm, world_size: int, prompt
         vllm_sleep=r.sleep,
         device_bytes=device_bytes,
         device_name=name,
+        lora_params=lora_params,
     )

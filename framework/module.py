@@ -37,6 +37,7 @@ from framework.metrics import (
     step_perf,
     tis_metrics,
 )
+from framework.models.lora import reference_model
 from framework.rollout.base import SamplingParams
 from framework.rollout.collector import DynamicSampling, RolloutCollector
 from framework.rollout.inputs import encode_prompts
@@ -229,8 +230,10 @@ class RLModule(L.LightningModule):
         mbs = self.grad_sync.micro_batches(len(rollout), self.s["trainer"].micro_batch_size)
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
-        if self.algo.needs_reference and self.reference is not None:
-            rollout.logp_ref = self.logprobs.no_grad(self.reference, rollout, mbs)
+        if self.algo.needs_reference:  # LoRA: the policy with its adapters disabled (framework/models/lora.py)
+            with reference_model(self.policy, self.reference) as ref:
+                if ref is not None:
+                    rollout.logp_ref = self.logprobs.no_grad(ref, rollout, mbs)
         metrics["timing_s/ref_logp"] = time.perf_counter() - t0
         metrics["timing_s/old_logp"] = 0.0
         # several optimizer steps per rollout (ppo_epochs or mini-batches): every step after the

@@ -211,6 +211,10 @@ def train(cfg: DictConfig) -> RunResult:
     # ---- model + processor
     path = resolve_path(s["model"].name_or_path)
     _check_device_for_model(path, s)
+    if s["model"].lora.enabled:  # targets, vision tower, adapter folder: checked on a meta model
+        from framework.models.lora import check_lora
+
+        check_lora(path, s["model"].lora)
     _print_memory_budget(path, s, algorithm, cfg)
     bundle = load_model_bundle(path)
     # ---- data (checked record by record with the tokenizer only, before any weight loads;
@@ -241,17 +245,26 @@ def train(cfg: DictConfig) -> RunResult:
     # the policy is loaded in the master dtype (fp32 by default: AdamW steps fp32 weights, and
     # Lightning's bf16-mixed / FSDP's MixedPrecisionPolicy computes in model.dtype); the frozen
     # reference is only ever run, so it is loaded in the compute dtype
+    # with LoRA (model.lora) the frozen base is loaded in the compute dtype, the adapters are the
+    # master weights, and the reference is the policy with its adapters disabled: no second copy
+    lora = m.lora.enabled
     policy = load_model(
         path,
-        m.master_dtype,
+        m.dtype if lora else m.master_dtype,
         trainable=True,
         gradient_checkpointing=m.gradient_checkpointing,
         freeze_vision_tower=m.freeze_vision_tower,
         attn_implementation=m.attn_implementation,
     )
+    if lora:
+        from framework.models.lora import apply_lora
+
+        policy = apply_lora(
+            policy, m.lora, adapter_dtype=DTYPES[m.master_dtype], gradient_checkpointing=m.gradient_checkpointing
+        )
     reference = (
         load_model(path, m.dtype, trainable=False, attn_implementation=m.attn_implementation)
-        if algorithm.needs_reference
+        if algorithm.needs_reference and not lora
         else None
     )
 
@@ -302,6 +315,7 @@ def train(cfg: DictConfig) -> RunResult:
         export_dtype=DTYPES[export] if export != canonical_dtype(m.master_dtype) else None,
         run_config=run_config,
         wandb_id=wandb_id,
+        export_merged=m.lora.enabled and m.lora.export_merged,
     )
     trainer = L.Trainer(
         max_steps=t.max_steps * module.updates_per_step,

@@ -383,9 +383,13 @@ class VLLMEngine(RolloutEngine):
     @staticmethod
     def named_weights(model) -> list[tuple[str, torch.Tensor]]:
         """The policy's parameters under their Hugging Face names (tied weights once); an FSDP
-        policy's shards are gathered first (a collective: every rank syncs its own engine)."""
+        policy's shards are gathered first (a collective: every rank syncs its own engine). A
+        LoRA policy: the modules that hold adapters, merged (:func:`framework.models.lora.merged_weights`)."""
         from framework.distributed import full_tensor, is_sharded
+        from framework.models.lora import is_lora, merged_weights
 
+        if is_lora(model):  # the adapted layers merged (W + delta), with the rest of their modules
+            return merged_weights(model, gather=full_tensor if is_sharded(model) else None)
         if is_sharded(model):
             return [(n, full_tensor(p.detach())) for n, p in model.named_parameters()]
         return [(n, p.detach()) for n, p in model.named_parameters()]
