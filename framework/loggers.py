@@ -75,19 +75,30 @@ def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | Non
     if lg.wandb and mode != "disabled":
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(
-            WandbLogger(
-                project=lg.project,
-                group=lg.group,
-                name=lg.name or run_name(run_config),
-                tags=list(lg.tags),
-                save_dir=str(out),
-                config=run_config,
-                id=wandb_id,
-                resume="allow",
-            )
+        wb = WandbLogger(
+            project=lg.project,
+            group=lg.group,
+            name=lg.name or run_name(run_config),
+            tags=list(lg.tags),
+            save_dir=str(out),
+            config=run_config,
+            id=wandb_id,
+            resume="allow",
         )
+        # one step axis: every chart is drawn against the RL step (W&B's own _step is the same
+        # number here, but a chart of a resumed or re-logged run keys on the declared metric)
+        wb.experiment.define_metric("rl_step")
+        wb.experiment.define_metric("*", step_metric="rl_step")
+        loggers.append(wb)
     return loggers
+
+
+def finish_wandb(loggers) -> None:
+    """Finish the W&B runs this process started (rank 0): the offline run file is complete
+    and closed when training returns, also when ``train()`` is called from Python."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def new_wandb_id() -> str:

@@ -17,7 +17,6 @@ the :class:`algorithms.base.Algorithm` interface; everything strategy-specific b
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -46,7 +45,6 @@ from framework.update import PolicyUpdate, UpdateResult
 
 log = logging.getLogger(__name__)
 
-PROGRESS_BAR = ("reward", "accuracy", "kl", "eval/accuracy", "eval/accuracy_sampled")
 
 
 class RLModule(L.LightningModule):
@@ -343,9 +341,6 @@ class RLModule(L.LightningModule):
         self.history.append(row)
         if self._trainer is None or self.trainer.global_rank != 0:
             return
-        for k in PROGRESS_BAR:  # the progress bar shows these, nothing goes to the loggers
-            if k in clean and not math.isnan(clean[k]):
-                self.log(k, clean[k], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         wandb_loggers = self._wandb_loggers()
         for lg in self.loggers:
             if lg in wandb_loggers and group_pass_rates:

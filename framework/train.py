@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, canonical_dtype, check_machine, validate_run_config
 from framework.errors import Preempted
-from framework.loggers import make_loggers, wandb_mode
+from framework.loggers import finish_wandb, make_loggers, wandb_mode
 from framework.progress import progress_callback, use_rich_bar
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
 
@@ -343,6 +343,7 @@ def train(cfg: DictConfig) -> RunResult:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     finally:
         rewards.close()
+        finish_wandb(trainer.loggers)  # the W&B run ends with the training (a next train() starts its own)
     if getattr(ckpt_cb, "preempted_by", None):
         raise Preempted(
             f"preempted by {ckpt_cb.preempted_by} after RL step {module.rl_step}: checkpoint {ckpt_cb.last}; "

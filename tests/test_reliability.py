@@ -111,6 +111,70 @@ def test_nan_metrics_are_logged_as_nan_and_eval_only_on_eval_steps(tmp_path, mon
     assert all(r["step"] == r["rl_step"].split(".")[0] for r in rows)  # one step axis: the RL step
 
 
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file (``run-<id>.wandb``), read with W&B's own protobuf
+    schema. The container is a LevelDB-style log: a 7-byte file header, 32 KiB blocks, each
+    record a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) + payload."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind == 0:
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            out.append(r)
+            buf = b""
+    return out
+
+
+def test_wandb_offline_history_is_on_the_rl_step_with_eval_only_on_eval_steps(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"output_dir={tmp_path}",
+                *SMALL,
+                "trainer.max_steps=3",
+                "trainer.eval_every=2",
+                "rollout.max_new_tokens=8",
+                "+reward.components.accuracy.workers=0",
+            ],
+        )
+    train(cfg)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = _wandb_records(run_file)
+    step_metric = [r.metric for r in records if r.WhichOneof("record_type") == "metric" and r.metric.glob_name == "*"]
+    assert step_metric[-1].step_metric == "rl_step"  # define_metric: every chart against the RL step
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    train_rows = [r for r in rows if "reward" in r]
+    eval_rows = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["rl_step"] for r in train_rows] == [1, 2, 3]
+    assert [r["rl_step"] for r in eval_rows] == [0, 2, 3]  # at the start, every 2 steps, at the end
+    assert all(r["eval/step"] == r["rl_step"] for r in eval_rows)
+    assert not any(k.startswith("eval/") for r in train_rows for k in r)  # never carried onto training rows
+    assert all("rl_step" in r for r in rows)
+
+
 def _env():
     e = {k: v for k, v in os.environ.items() if k not in ("APO_RL_DEBUG",)}
     return {**e, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
