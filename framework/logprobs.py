@@ -64,9 +64,11 @@ def completion_logprobs_unsharded(
     chunk_size: int = 1024,
     with_entropy: bool = True,
 ):
+    from framework.rollout.inputs import share_image_features
+
     core = model.model
     head = model.get_output_embeddings()
-    kw = dict(inputs)
+    kw = share_image_features(model, dict(inputs))  # the vision tower once per distinct image
     kw["use_cache"] = False
     hidden = core(**kw).last_hidden_state  # [N, P+T, H]
     T = completion_len

@@ -48,7 +48,14 @@ def test_a_different_setting_is_named(tmp_path, change, key):
 
 def _run(fw, prompt_tokens, completion_tokens, wall=1.0):
     steps = [
-        {"wall": None if i == 0 else wall, "rollout": 0.5, "reward": 0.01, "ref_logp": 0.1, "old_logp": 0.0}
+        {
+            "wall": None if i == 0 else wall,
+            "cpu": None if i == 0 else wall,
+            "rollout": 0.5,
+            "reward": 0.01,
+            "ref_logp": 0.1,
+            "old_logp": 0.0,
+        }
         for i in range(SMALL.steps)
     ]
     for s in steps:
@@ -66,7 +73,8 @@ def test_same_work_compares_tokens_and_summary_takes_medians():
     assert s["ours"]["step"] == (2.0, 1.0, 3.0)  # median of the two run medians, their spread
     assert s["ours"]["update+"][0] == pytest.approx(2.0 - 0.61)
     assert not ct.same_work([_run("ours", 100, budget), _run("trl", 101, budget)], SMALL)[0]  # other prompts
-    assert not ct.same_work([_run("ours", 100, budget), _run("trl", 100, 10)], SMALL)[0]  # short completions
+    assert not ct.same_work([_run("ours", 100, budget), _run("trl", 100, 20)], SMALL)[0]  # shorter completions
+    assert not ct.same_work([_run("ours", 100, budget + 1), _run("trl", 100, budget)], SMALL)[0]  # over the budget
     bad = _run("trl", 100, budget)
     bad["settings"] = {"lr": 2.0}
     ok, notes = ct.same_work([_run("ours", 100, budget), bad], SMALL)
@@ -83,6 +91,7 @@ def test_the_framework_half_runs_and_reports_each_step(tmp_path):
     steps = res["steps"]
     assert len(steps) == SMALL.steps and steps[0]["wall"] is None
     for s in steps[1:]:
+        assert s["cpu"] > 0
         assert s["wall"] >= s["rollout"] + s["reward"] + s["ref_logp"] + s["update"] > 0
         assert 0 < s["completion_tokens"] <= SMALL.completions_per_step * SMALL.max_new_tokens
         assert s["prompt_tokens"] > 0

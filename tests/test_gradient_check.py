@@ -282,4 +282,9 @@ def test_micro_batch_gradients_sum_to_full_batch(setup, name):
             a += g
     assert abs(total - float(loss.detach())) <= RTOL * abs(float(loss.detach()))
     for n, a, b in zip(PARAMS, acc, g_full):
-        assert _rel(a, b) < RTOL, (n, _rel(a, b))
+        # the vision tower runs once per distinct image of a batch (its G copies share it), so the
+        # copies' gradients are summed before it in the full batch and after it in micro-batches
+        # that split a group; transformers applies its rotary embedding in float32 even in a
+        # float64 model, so that order shows at float32 rounding (measured: 2e-8)
+        tol = 1e-6 if "visual" in n else RTOL
+        assert _rel(a, b) < tol, (n, _rel(a, b))

@@ -1,18 +1,43 @@
-"""The embedded default engine: transformers ``generate`` on the policy module itself, so
-its weights are always the current ones (``sync_weights`` has nothing to do)."""
+"""The embedded default engine: the policy module itself samples, so its weights are always
+the current ones (``sync_weights`` has nothing to do).
+
+For the Qwen2 / Qwen2-VL / Qwen2.5-VL models the framework trains, a lean decode loop
+(:meth:`HFGenerateEngine._decode`) does the work of transformers ``generate`` without its
+per-call and per-token overhead, and does each prompt's work once for its ``n`` samples: the
+prompt (and the vision tower over its images) is run at batch = number of prompts, its KV
+cache and next-token logits are repeated ``n`` times, and the ``n`` samples decode from there.
+It samples with transformers' own logits processors (suppressed vision tokens, temperature,
+top-k, top-p, in ``generate``'s order) and ``torch.multinomial`` on the same RNG stream, so
+with a fixed seed it draws the same completions as ``generate`` (tests/test_shared_prefill.py).
+Stop strings, FSDP-synced generation and other model types use ``generate``, with its
+generation config built once.
+"""
 
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from framework.registry import ROLLOUT_ENGINES
 from framework.rollout.base import Generation, RolloutEngine, SamplingParams
 from framework.rollout.inputs import completion_mask, expand_inputs
 
+# model types whose forward takes explicit (3D for the VL models) position ids and a KV cache
+# the way the decode loop drives it
+LEAN_MODEL_TYPES = ("qwen2", "qwen2_vl", "qwen2_5_vl")
+
 
 @ROLLOUT_ENGINES.register("hf")
 class HFGenerateEngine(RolloutEngine):
     name = "hf"
+    lean = True  # the decode loop where it applies (False: always transformers generate; for comparisons)
 
     @torch.no_grad()
     def generate(self, prompts, n: int, sampling: SamplingParams) -> Generation:
@@ -22,8 +47,114 @@ class HFGenerateEngine(RolloutEngine):
         was_training = model.training
         model.eval()
         dev = next(model.parameters()).device
-        inputs = {k: v.to(dev) for k, v in expand_inputs(prompts.inputs, n, prompts.images_per_sample).items()}
         b = self.bundle
+        try:
+            if self._lean(sampling):
+                ids, step_logits = self._decode(prompts.inputs, n, sampling, dev)
+            else:
+                ids, step_logits = self._generate_hf(prompts, n, sampling, dev)
+        finally:
+            model.train(was_training)
+        if ids.shape[1] == 0:
+            ids = torch.full((ids.shape[0], 1), b.pad_token_id, dtype=torch.long)
+        mask, truncated = completion_mask(ids, b.eos_token_ids)
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, b.pad_token_id))
+        logprobs = None
+        if sampling.return_logprobs:
+            logits = torch.stack(step_logits, dim=1).float().cpu()  # raw logits [N, T, V]
+            if sampling.temperature > 0 and sampling.temperature != 1.0:
+                logits = logits / sampling.temperature
+            logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
+            logprobs = logprobs * mask
+        return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
+
+    def _lean(self, sampling: SamplingParams) -> bool:
+        """Whether the decode loop serves this call (else transformers ``generate``)."""
+        mt = getattr(getattr(self.model, "config", None), "model_type", None)
+        return mt in LEAN_MODEL_TYPES and not sampling.stop and not self._synced() and self.lean
+
+    def _processors(self, sampling: SamplingParams) -> LogitsProcessorList:
+        """transformers' logits processors, in ``generate``'s order, for these sampling settings."""
+        key = (sampling.temperature, sampling.top_p, sampling.top_k)
+        cached = getattr(self, "_procs", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        procs = LogitsProcessorList()
+        if self.bundle.vision_token_ids:  # a sampled vision token would crash the training forward
+            procs.append(SuppressTokensLogitsProcessor(self.bundle.vision_token_ids))
+        if sampling.temperature > 0:
+            if sampling.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                procs.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                procs.append(TopPLogitsWarper(sampling.top_p))
+        self._procs = (key, procs)
+        return procs
+
+    def _decode(self, prompt_inputs: dict, n: int, sampling: SamplingParams, dev):
+        """Prefill each prompt once, repeat its KV cache and next-token logits ``n`` times, then
+        sample token by token. Returns the completion ids [B n, T] (CPU) and, for
+        ``return_logprobs``, the raw logits of every step."""
+        model, b = self.model, self.bundle
+        inputs = {k: v.to(dev) for k, v in prompt_inputs.items()}
+        ids, att = inputs["input_ids"], inputs["attention_mask"]
+        kw = {"input_ids": ids, "attention_mask": att, "use_cache": True}
+        if "pixel_values" in inputs and "mm_token_type_ids" in inputs:  # 3D rope positions, as the trainer's
+            pos, _ = model.model.get_rope_index(
+                ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=att
+            )
+            kw.update(
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+            )
+            last = pos.amax(dim=(0, 2))  # [B] the prompt's last (largest) position
+        else:
+            pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+            last = pos.amax(dim=1)
+        kw["position_ids"] = pos
+        out = model(**kw, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)  # the prompt's KV cache shared by its n samples
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+        att = att.repeat_interleave(n, dim=0)
+        next_pos = last.repeat_interleave(n) + 1
+        N = logits.shape[0]
+        procs = self._processors(sampling)
+        sample = sampling.temperature > 0
+        eos = torch.tensor(b.eos_token_ids, device=dev)
+        pad = torch.tensor(b.pad_token_id, device=dev)
+        unfinished = torch.ones(N, dtype=torch.bool, device=dev)
+        tokens, step_logits = [], []
+        for t in range(sampling.max_new_tokens):
+            scores = logits.to(dtype=torch.float32, copy=True)
+            if sampling.return_logprobs:
+                step_logits.append(scores)
+            scores = procs(None, scores)
+            if sample:
+                tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tok = torch.argmax(scores, dim=-1)
+            tok = torch.where(unfinished, tok, pad)  # finished samples are padded, as generate pads
+            tokens.append(tok)
+            unfinished &= ~torch.isin(tok, eos)
+            if t + 1 == sampling.max_new_tokens or not bool(unfinished.any()):
+                break
+            att = torch.cat([att, att.new_ones(N, 1)], dim=1)
+            p = (next_pos + t).view(N, 1)
+            if pos.dim() == 3:
+                p = p.unsqueeze(0).expand(3, N, 1)
+            logits = model(
+                input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=p, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+        ids = torch.stack(tokens, dim=1).cpu() if tokens else torch.zeros(N, 0, dtype=torch.long)
+        return ids, step_logits
+
+    def _generate_hf(self, prompts, n: int, sampling: SamplingParams, dev):
+        """transformers ``generate`` over the prompts repeated n times."""
+        model, b = self.model, self.bundle
+        inputs = {k: v.to(dev) for k, v in expand_inputs(prompts.inputs, n, prompts.images_per_sample).items()}
         kw = dict(
             do_sample=sampling.temperature > 0,
             max_new_tokens=sampling.max_new_tokens,
@@ -36,30 +167,21 @@ class HFGenerateEngine(RolloutEngine):
         if self._synced():  # FSDP: every forward is a collective; ranks that finish early keep stepping
             kw["synced_gpus"] = True
         if sampling.temperature > 0:
-            kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+            # top_k=0 (not None): None would let generate fall back to its default top-k of 50
+            kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if b.vision_token_ids:  # a sampled vision token would crash the training forward
             kw["suppress_tokens"] = b.vision_token_ids
         if sampling.stop:
             kw["stop_strings"] = sampling.stop
             kw["tokenizer"] = b.tokenizer
-        try:
-            out = model.generate(**inputs, **kw)
-        finally:
-            model.train(was_training)
+        gen_kw = {k: kw.pop(k) for k in list(kw) if k not in ("synced_gpus", "tokenizer")}
+        key = repr(sorted(gen_kw.items()))
+        cached = getattr(self, "_gen_config", None)
+        if cached is None or cached[0] != key:  # built once, not on every call
+            cached = self._gen_config = (key, GenerationConfig(**gen_kw))
+        out = model.generate(**inputs, generation_config=cached[1], **kw)
         P = inputs["input_ids"].shape[1]
-        ids = out.sequences[:, P:].cpu()
-        if ids.shape[1] == 0:
-            ids = torch.full((ids.shape[0], 1), b.pad_token_id, dtype=torch.long)
-        mask, truncated = completion_mask(ids, b.eos_token_ids)
-        ids = torch.where(mask.bool(), ids, torch.full_like(ids, b.pad_token_id))
-        logprobs = None
-        if sampling.return_logprobs:
-            logits = torch.stack(out.logits, dim=1).float().cpu()  # raw logits [N, T, V]
-            if sampling.temperature > 0 and sampling.temperature != 1.0:
-                logits = logits / sampling.temperature
-            logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, : logits.shape[1]].unsqueeze(-1)).squeeze(-1)
-            logprobs = logprobs * mask
-        return Generation(completion_ids=ids, completion_mask=mask, truncated=truncated, logprobs=logprobs)
+        return out.sequences[:, P:].cpu(), list(out.logits) if sampling.return_logprobs else []
 
     def _synced(self) -> bool:
         if not hasattr(self, "_synced_flag"):

@@ -179,3 +179,53 @@ def training_inputs(prompt_inputs: dict, completion_ids: torch.Tensor, completio
             return kw
     kw["position_ids"] = (att.long().cumsum(-1) - 1).clamp(min=0)
     return kw
+
+
+def distinct_images(inputs: dict, window: int = 16) -> tuple[list[int], list[int]]:
+    """The images of ``inputs`` without repeats: ``keep`` (indices of the distinct images) and
+    ``index`` (for every image, the position in ``keep`` of the image it equals). The G samples
+    of a prompt hold G copies of its images one block after the other, so each image is
+    compared (bit for bit, no hashing) with the last ``window`` distinct images of its size."""
+    grid = inputs["image_grid_thw"]
+    sizes = [tuple(g) for g in grid.tolist()]
+    chunks = torch.split(inputs["pixel_values"], grid.prod(-1).tolist(), dim=0)
+    keep: list[int] = []
+    index: list[int] = []
+    for i, c in enumerate(chunks):
+        found = None
+        for pos in range(len(keep) - 1, max(len(keep) - window, 0) - 1, -1):
+            j = keep[pos]
+            if sizes[j] == sizes[i] and torch.equal(c, chunks[j]):
+                found = pos
+                break
+        if found is None:
+            keep.append(i)
+            found = len(keep) - 1
+        index.append(found)
+    return keep, index
+
+
+def share_image_features(model, kw: dict) -> dict:
+    """``kw`` (model kwargs with ``pixel_values``) with the vision tower run once per distinct
+    image and its features handed to the model for every copy (``mm_encoder_outputs``): the
+    same features as the tower gives each copy, and under autograd the gradient of the copies
+    flows back through the one computation. Unchanged where nothing repeats or the model does
+    not take precomputed features."""
+    core = getattr(model, "model", model)
+    if "pixel_values" not in kw or not hasattr(core, "get_image_features"):
+        return kw
+    import inspect
+
+    if "mm_encoder_outputs" not in inspect.signature(core.forward).parameters:
+        return kw
+    keep, index = distinct_images(kw)
+    if len(keep) == len(index):
+        return kw
+    grid = kw["image_grid_thw"]
+    chunks = torch.split(kw["pixel_values"], grid.prod(-1).tolist(), dim=0)
+    feats = core.get_image_features(torch.cat([chunks[i] for i in keep]), grid[keep], return_dict=True)
+    per_image = feats.pooler_output
+    feats.pooler_output = tuple(per_image[j] for j in index)
+    out = {k: v for k, v in kw.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": feats}
+    return out
