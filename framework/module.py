@@ -46,7 +46,6 @@ from framework.update import PolicyUpdate, UpdateResult
 log = logging.getLogger(__name__)
 
 
-
 class RLModule(L.LightningModule):
     def __init__(
         self,
@@ -311,7 +310,7 @@ class RLModule(L.LightningModule):
             batch_size=t.eval_batch_size,
         )
         log.info("apo-rl: evaluating %d held-out records at RL step %d", len(self.eval_records), self.rl_step)
-        out = evaluator.run(self.eval_records)
+        out = evaluator.run(self.eval_records, progress=lambda done, total: log.info("  evaluated %d/%d", done, total))
         out["eval/step"] = float(self.rl_step)
         self._log(out)
         log.info(

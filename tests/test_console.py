@@ -65,6 +65,7 @@ def test_a_run_with_output_to_a_file_prints_progress_lines_once(tmp_path):
         assert float(shown["s/step"]) > 0
     assert any(ln.startswith("apo-rl memory budget") for ln in lines)
     assert any("outputs ->" in ln for ln in lines) and any(ln.startswith("eval at step 0") for ln in lines)
+    assert any(ln.strip() == "evaluated 4/4" for ln in lines)  # evaluation shows its progress too
     twice = [ln for ln, n in collections.Counter(lines).items() if n > 1 and not ln.startswith("  ")]
     assert not twice, twice
     for noise in ("litlogger", "LeafSpec", "Loading weights", "Writing model shards", "`weights_only` was not set"):
