@@ -39,6 +39,9 @@ from pathlib import Path
 
 PHASES = ("rollout", "reward", "ref_logp", "old_logp")
 ROOT = Path(__file__).resolve().parents[1]
+# the checkout whose framework a worker runs (--also NAME=PATH runs another one, e.g. a git
+# worktree of an earlier commit, through this file)
+CHECKOUT = Path(os.environ.get("COMPARE_TRL_CHECKOUT", ROOT))
 
 
 @dataclasses.dataclass
@@ -242,7 +245,7 @@ def compose_ours(w: Workload, output_dir: str):
     from framework.config import register_schemas
 
     register_schemas()  # the typed group bases (model/base, ...)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CHECKOUT / "configs"), version_base="1.3"):
         return compose("config", overrides=ours_overrides(w, output_dir))
 
 
@@ -502,6 +505,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
     ap.add_argument("--save", default=None, help="write every run's raw steps to this JSON file")
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also run the framework of another checkout (e.g. `git worktree add /tmp/before <commit>`), interleaved",
+    )
     ap.add_argument("--worker", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -514,25 +524,36 @@ def main(argv: list[str] | None = None) -> None:
             import trl  # noqa: F401
         except ImportError:
             sys.exit("error: TRL is not installed: pip install -e '.[bench-trl]' (or --only ours)")
+    checkouts = {"ours": ROOT} if "ours" in sides else {}
+    checkouts.update({k: Path(v).resolve() for k, v in (x.split("=", 1) for x in a.also)})
+    labels = [*checkouts, *(["trl"] if "trl" in sides else [])]
     runs = []
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads)}
     with tempfile.TemporaryDirectory() as d:
         for i in range(a.runs):
-            order = sides if i % 2 == 0 else sides[::-1]  # alternate who goes first
-            for fw in order:
-                out = Path(d) / f"{fw}-{i}.json"
-                cmd = [sys.executable, "-m", "benchmarks.compare_trl", "--worker", fw, "--out", str(out)]
+            order = labels if i % 2 == 0 else labels[::-1]  # alternate who goes first
+            for label in order:
+                fw = "trl" if label == "trl" else "ours"
+                where = checkouts.get(label, ROOT)
+                out = Path(d) / f"{label}-{i}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", fw, "--out", str(out)]
                 cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+                run_env = {**env, "PYTHONPATH": str(where), "COMPARE_TRL_CHECKOUT": str(where)}
                 t0 = time.perf_counter()
-                p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                p = subprocess.run(cmd, cwd=where, env=run_env, capture_output=True, text=True)
                 if p.returncode != 0:
-                    sys.exit(f"error: the {fw} run failed:\n{p.stderr[-4000:]}")
-                runs.append(json.loads(out.read_text()))
+                    sys.exit(f"error: the {label} run failed:\n{p.stderr[-4000:]}")
+                runs.append({**json.loads(out.read_text()), "label": label})
                 med = statistics.median(s["wall"] for s in runs[-1]["steps"][a.warmup :] if s["wall"])
-                print(f"run {i + 1}/{a.runs} {fw}: {med:.3f} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"run {i + 1}/{a.runs} {label}: {med:.3f} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.save:
         Path(a.save).write_text(json.dumps({"workload": dataclasses.asdict(w), "runs": runs}, indent=1))
-    print(report(runs, w, a.threads))
+    for label in checkouts:
+        pair = [{**r, "framework": "ours"} for r in runs if r["label"] == label] + [
+            r for r in runs if r["label"] == "trl"
+        ]
+        print(f"\n## {label} ({checkouts[label]}) vs TRL\n")
+        print(report(pair, w, a.threads))
 
 
 if __name__ == "__main__":
