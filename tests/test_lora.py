@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from framework.config import ConfigError, LoraOptions
 from framework.logprobs import completion_logprobs
 from framework.models.loading import load_model, load_model_bundle
-from framework.models.lora import apply_lora, base_name, reference_model
+from framework.models.lora import apply_lora, base_name, merged_weights, reference_model
 from framework.rollout.base import SamplingParams
 from framework.rollout.hf import HFGenerateEngine
 from framework.rollout.inputs import encode_prompts, expand_inputs, training_inputs
@@ -250,25 +250,35 @@ def test_memory_budget_counts_adapters_only_and_no_reference(tiny_vl_path):
 
 
 # =========================================================================== training
+@pytest.fixture(scope="module")
+def sft_path():
+    """The base model of the default run (the warm-started tiny Qwen2.5-VL)."""
+    from framework.models.loading import resolve_path
+
+    return resolve_path("tiny:qwen2_5_vl-sft")
+
+
 def _state(ckpt: Path) -> dict:
     return torch.load(ckpt / "state.ckpt", map_location="cpu", weights_only=True)
 
 
-# Held-out sampled accuracy of the warm-started tiny model at the start is ~0.23 (100 records,
-# seed 0); LoRA GRPO (r 16, alpha 32, lr 3e-3) takes it above it by MARGIN in 20 RL steps.
+# Held-out sampled accuracy (100 records x 4 samples at temperature 1.0) of the warm-started tiny
+# model is 0.175 at the start; LoRA GRPO (r 16, alpha 32, lr 1e-3) takes it to 0.27 in 40 RL steps
+# (measured, seed 0), with the greedy accuracy unchanged (0.84). lr 3e-3 raised the training reward
+# but not the held-out accuracy (0.175 -> 0.20, greedy 0.84 -> 0.57); 1e-2 collapsed the policy.
 LEARN = [
     "model.lora.enabled=true",
-    "optim.lr=3e-3",
-    "trainer.max_steps=20",
+    "optim.lr=1e-3",
+    "trainer.max_steps=40",
     "trainer.eval_every=0",
     "trainer.eval_size=100",
-    "model.lora.export_merged=true",
+    "trainer.eval_samples=4",
 ]
-MARGIN = 0.08
+MARGIN = 0.05
 
 
 @pytest.mark.slow
-def test_lora_grpo_learns_with_only_the_adapters_changed(tmp_path, tiny_vl_path):
+def test_lora_grpo_learns_with_only_the_adapters_changed(tmp_path, sft_path):
     from safetensors.torch import load_file
 
     from framework.train import train
@@ -281,7 +291,7 @@ def test_lora_grpo_learns_with_only_the_adapters_changed(tmp_path, tiny_vl_path)
     state = _state(res.final_checkpoint)
     sd = {k[len("policy.") :]: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
     # the frozen base weights are bit-identical to the base model's weight file
-    base = load_file(str(Path(tiny_vl_path) / "model.safetensors"))
+    base = load_file(str(Path(sft_path) / "model.safetensors"))
     frozen = {base_name(k): v for k, v in sd.items() if "lora_" not in k}
     assert set(base) <= set(frozen) | {"lm_head.weight"}
     for k, v in base.items():
@@ -327,7 +337,7 @@ def _policy_from_state(tiny_vl_path, ckpt: Path):
 
 
 @pytest.mark.slow
-def test_adapter_checkpoint_and_merged_export_reload_the_trained_policy(tiny_vl_path, lora_run, vl_rollout):
+def test_adapter_checkpoint_and_merged_export_reload_the_trained_policy(sft_path, lora_run, vl_rollout):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
@@ -338,12 +348,13 @@ def test_adapter_checkpoint_and_merged_export_reload_the_trained_policy(tiny_vl_
     ).is_file()
     assert not (ckpt / "policy" / "model.safetensors").exists()  # the adapter, not a second full model
     _, prompts, gen = vl_rollout
-    trained = _policy_from_state(tiny_vl_path, ckpt)
+    trained = _policy_from_state(sft_path, ckpt)
     want = logprobs(trained, prompts, 4, gen)
-    base = load_model(tiny_vl_path, trainable=False)
+    base = load_model(sft_path, trainable=False)
     assert float((logprobs(base, prompts, 4, gen) - want).abs().max()) > 1e-3  # it trained
-    adapter = PeftModel.from_pretrained(load_model(tiny_vl_path, trainable=False), str(ckpt / "policy")).eval()
-    assert float((logprobs(adapter, prompts, 4, gen) - want).abs().max()) < TOL
+    adapter = PeftModel.from_pretrained(load_model(sft_path, trainable=False), str(ckpt / "policy")).eval()
+    # (the trainer's log-prob path runs the Hugging Face model inside the PeftModel, adapters injected)
+    assert float((logprobs(adapter.get_base_model(), prompts, 4, gen) - want).abs().max()) < TOL
     merged = AutoModelForImageTextToText.from_pretrained(str(ckpt / "merged")).eval()
     assert float((logprobs(merged, prompts, 4, gen) - want).abs().max()) < TOL
     load_model_bundle(str(ckpt / "merged"))  # a complete model folder (tokenizer, processor)
@@ -394,3 +405,115 @@ def test_evaluate_takes_an_adapter_folder(tmp_path, lora_run):
     adapter, step, merged = run(ckpt / "policy", "adapter"), run(ckpt, "step"), run(ckpt / "merged", "merged")
     assert adapter["eval/accuracy"] == step["eval/accuracy"] == merged["eval/accuracy"]
     assert adapter["eval/mean_length"] == merged["eval/mean_length"]
+
+
+# =========================================================================== vLLM: the merged sync
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+LOGP_TOL = 1e-4  # vLLM vs the trainer, fp32 (as in tests/test_vllm.py)
+
+
+def text_records():
+    return [
+        {"question": "How many shapes are in the image?", "answer": "1"},
+        {"question": "Grid:\nR . G\n. B .\nY . .\nHow many shapes are there? Answer with a number.", "answer": "4"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_text_path):
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install raises other errors
+        if os.environ.get("APO_RL_REQUIRE_VLLM") == "1":
+            pytest.fail(f"vLLM is not importable ({e}); APO_RL_REQUIRE_VLLM=1 requires it", pytrace=False)
+        pytest.skip(f"vLLM is not importable ({e})")
+    from framework.config import RolloutConfig
+    from framework.rollout.vllm_engine import VLLMEngine
+
+    bundle = load_model_bundle(tiny_text_path)
+    eng = VLLMEngine(
+        RolloutConfig(engine="vllm", enforce_eager=True, max_model_len=1024),
+        bundle,
+        load_model(tiny_text_path, trainable=False),
+    )
+    yield eng
+    eng.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]], ids=["all-linear", "q_v"])
+def test_vllm_serves_the_adapted_policy_after_the_merged_sync(vllm_engine, tiny_text_path, targets):
+    """After a LoRA update the engine's log-probs are the adapted policy's (< 1e-4) once the
+    merged weights are pushed, and far from them without the push. q/v only: vLLM reloads its
+    fused qkv layer whole, so k (and the biases) must come along. The policy's frozen weights
+    stay bit-identical (the merge is out of place)."""
+    eng = vllm_engine
+    prompts = encode_prompts(eng.bundle, text_records(), SYSTEM)
+    policy = lora_policy(tiny_text_path, target_modules=targets)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
+    sp = SamplingParams(max_new_tokens=12, return_logprobs=True)
+    eng.sync_weights(policy)  # B = 0: the base model
+    perturb_adapters(policy, scale=0.3)  # an update
+    stale = eng.generate(prompts, 4, sp)
+    m = stale.completion_mask
+    stale_gap = float(((logprobs(policy, prompts, 4, stale) - stale.logprobs).abs() * m).sum() / m.sum())
+    assert stale_gap > 1e-2
+    pushed = [n for n, _ in merged_weights(policy)]
+    assert all(".base_layer" not in n and "lora_" not in n for n in pushed)
+    assert "model.layers.0.self_attn.k_proj.weight" in pushed and "model.layers.0.self_attn.q_proj.bias" in pushed
+    assert not any("embed_tokens" in n or "norm" in n for n in pushed)  # untouched modules are not pushed
+    try:
+        eng.sync_weights(policy)
+        fresh = eng.generate(prompts, 4, sp)
+        diff = (logprobs(policy, prompts, 4, fresh) - fresh.logprobs).abs()
+        assert float(diff.max()) < LOGP_TOL, f"after the merged sync: max |logp_vllm - logp_policy| = {diff.max():.3g}"
+    finally:
+        eng.sync_weights(load_model(tiny_text_path, trainable=False))
+    for n, p in policy.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n]), n
+
+
+LORA_VLLM_RUN = [
+    "rollout=vllm",
+    "model=tiny_qwen2",
+    "data=synthetic_text",
+    "model.name_or_path=tiny:qwen2",
+    "model.lora.enabled=true",
+    "reward.correctness=length",
+    "~reward.components.accuracy",
+    "~reward.components.format",
+    "+reward.components.length={weight:1.0,target:20}",
+    "trainer.prompts_per_step=4",
+    "rollout.group_size=8",
+    "rollout.max_new_tokens=12",
+    "trainer.eval_every=0",
+    "trainer.eval_size=4",
+    "optim.lr=1e-2",
+    "rollout.enforce_eager=true",
+    "rollout.max_model_len=1024",
+    "trainer.max_steps=3",
+    "rollout.logp_diff_warn=0.05",
+]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_training_with_vllm_keeps_the_gap_at_full_sync_level_and_a_skipped_sync_shows(
+    vllm_engine, tmp_path, monkeypatch
+):
+    from framework.rollout.vllm_engine import VLLMEngine
+    from framework.train import train
+
+    res = train(cfg_for(tmp_path / "synced", *LORA_VLLM_RUN))
+    gap = res.metric("rollout/logp_diff_mean")
+    print("LoRA + vLLM, logp gap per step:", [f"{g:.1e}" for g in gap], "kl:", res.metric("kl"))
+    assert len(gap) == 3 and max(gap) < 1e-4  # every step: the engine served the adapted policy
+    assert res.metric("kl")[-1] > 0  # the adapters moved the policy away from the reference
+
+    monkeypatch.setattr(VLLMEngine, "sync_weights", lambda self, model: None)  # a broken sync
+    stale = train(cfg_for(tmp_path / "stale", *LORA_VLLM_RUN)).metric("rollout/logp_diff_mean")
+    print("without the sync:", [f"{g:.1e}" for g in stale])
+    assert stale[0] < 1e-4 and min(stale[1:]) > 0.05

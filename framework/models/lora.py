@@ -60,8 +60,9 @@ def import_peft():
 
 
 # ----------------------------------------------------------------------------- config
-def peft_config(opts):
-    """peft's ``LoraConfig`` for ``model.lora`` (the vision tower excluded unless ``vision``)."""
+def peft_config(opts, *, vision_tower: bool = True):
+    """peft's ``LoraConfig`` for ``model.lora`` (the vision tower, if the model has one, excluded
+    unless ``vision``)."""
     peft = import_peft()
     targets = opts.target_modules
     targets = targets if isinstance(targets, str) else [str(t) for t in targets]
@@ -70,7 +71,7 @@ def peft_config(opts):
         lora_alpha=opts.alpha,
         lora_dropout=float(opts.dropout),
         target_modules=targets,
-        exclude_modules=None if opts.vision else VISION,
+        exclude_modules=VISION if vision_tower and not opts.vision else None,
         init_lora_weights=opts.init_lora_weights,
         use_rslora=bool(opts.use_rslora),
         bias="none",
@@ -119,7 +120,7 @@ def check_lora(path: str, opts) -> int:
             f"model.lora.vision=true but {path} is a text-only model (no vision tower): drop model.lora.vision"
         )
     peft = import_peft()
-    cfg = adapter_folder_config(opts.path) if opts.path else peft_config(opts)
+    cfg = adapter_folder_config(opts.path) if opts.path else peft_config(opts, vision_tower=is_vl)
     model = _meta_model(model_cfg)
     head = model.get_output_embeddings()
     linear = sorted(
@@ -171,7 +172,7 @@ def apply_lora(model, opts, *, adapter_dtype: torch.dtype, gradient_checkpointin
     if opts.path:
         pm = peft.PeftModel.from_pretrained(model, str(Path(opts.path).expanduser()), is_trainable=True)
     else:
-        pm = peft.get_peft_model(model, peft_config(opts))
+        pm = peft.get_peft_model(model, peft_config(opts, vision_tower=hasattr(model.config, "vision_config")))
     hf = pm.get_base_model()
     for _, m in _adapted(hf):
         for d in (m.lora_A, m.lora_B):
