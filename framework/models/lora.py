@@ -113,7 +113,13 @@ def check_lora(path: str, opts) -> int:
     adapter parameters. One-line :class:`ConfigError` naming the option and the fix."""
     from transformers import AutoConfig
 
-    model_cfg = AutoConfig.from_pretrained(path)
+    return lora_param_count(AutoConfig.from_pretrained(path), opts, name=path)
+
+
+def lora_param_count(model_cfg, opts, *, name: str = "the model") -> int:
+    """:func:`check_lora` for a model config (e.g. ``framework.models.architectures.get``):
+    the number of adapter parameters ``opts`` gives this architecture, checked as there."""
+    path = name
     is_vl = hasattr(model_cfg, "vision_config")
     if opts.vision and not is_vl:
         raise ConfigError(
