@@ -67,14 +67,18 @@ def completion_logprobs_unsharded(
     from framework.rollout.inputs import share_image_features
 
     core = model.model
-    head = model.get_output_embeddings()
     kw = share_image_features(model, dict(inputs))  # the vision tower once per distinct image
     kw["use_cache"] = False
     hidden = core(**kw).last_hidden_state  # [N, P+T, H]
     T = completion_len
     h = hidden[:, -T - 1 : -1]  # positions P-1 .. P+T-2 predict tokens 0..T-1
-    labels = inputs["input_ids"][:, -T:]
-    N = h.shape[0]
+    return _head_logprobs(model, h, inputs["input_ids"][:, -T:], temperature, chunk_size, with_entropy)
+
+
+def _head_logprobs(model, h, labels, temperature: float, chunk_size: int, with_entropy: bool):
+    """The chunked LM head over hidden states ``h`` [N, T, H] that predict ``labels`` [N, T]."""
+    head = model.get_output_embeddings()
+    N, T = labels.shape
     h_flat, y_flat = h.reshape(N * T, -1), labels.reshape(N * T)
     outs_lp, outs_ent = [], []
     use_ckpt = torch.is_grad_enabled() and h.requires_grad
@@ -89,6 +93,103 @@ def completion_logprobs_unsharded(
     logp = torch.cat(outs_lp).view(N, T).clone()  # not a view: FSDP hooks the output for its backward
     ent = torch.cat(outs_ent).view(N, T) if with_entropy else None
     return logp, ent
+
+
+def prompt_runs(prompt_inputs: dict, images_per_sample: list[int]) -> list[int]:
+    """Lengths of the runs of consecutive samples with the same prompt (token ids, padding and
+    images, bit for bit): a rollout holds each prompt's G samples next to each other."""
+    from framework.rollout.inputs import distinct_images
+
+    ids, att = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
+    img: list[tuple[int, ...]] = [()] * ids.shape[0]
+    if "image_grid_thw" in prompt_inputs:
+        _, index = distinct_images(prompt_inputs)
+        k = 0
+        for i, c in enumerate(images_per_sample):
+            img[i] = tuple(index[k : k + c])
+            k += c
+    same = ((ids[1:] == ids[:-1]).all(1) & (att[1:] == att[:-1]).all(1)).tolist()
+    runs = [1]
+    for i, s in enumerate(same, start=1):
+        if s and img[i] == img[i - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def shared_prompt_logprobs(
+    model,
+    prompt_inputs: dict,
+    images_per_sample: list[int],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    runs: list[int],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+):
+    """The log-probs of :func:`completion_logprobs` with each prompt run once for all its
+    samples: the distinct prompts (``runs``: samples per prompt, in order) go through the model
+    with a KV cache, which is repeated for their samples, and the completions run on top of it
+    (positions continuing the prompt's, as :func:`framework.rollout.inputs.training_inputs`
+    gives them). Under autograd the gradient of every sample flows back into the one prompt
+    pass. The completions' padding gets other positions than in the full forward, which
+    changes nothing counted: it is after the EOS and masked out of attention."""
+    from framework.rollout.inputs import select_inputs, share_image_features
+
+    core = model.model
+    dev = completion_ids.device
+    first = torch.tensor([0, *runs[:-1]], device=dev).cumsum(0).tolist()
+    rows = torch.repeat_interleave(torch.arange(len(runs), device=dev), torch.tensor(runs, device=dev))
+    u = select_inputs(prompt_inputs, first, images_per_sample)
+    ids, att = u["input_ids"], u["attention_mask"]
+    kw = {"input_ids": ids, "attention_mask": att, "use_cache": True}
+    if "pixel_values" in u and "mm_token_type_ids" in u:
+        pos, _ = core.get_rope_index(
+            ids, u["mm_token_type_ids"], image_grid_thw=u["image_grid_thw"], attention_mask=att
+        )
+        kw.update(
+            pixel_values=u["pixel_values"], image_grid_thw=u["image_grid_thw"], mm_token_type_ids=u["mm_token_type_ids"]
+        )
+        last = pos.amax(dim=(0, 2))
+    else:
+        pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+        last = pos.amax(dim=1)
+    kw["position_ids"] = pos
+    out = core(**share_image_features(model, kw))
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)  # each prompt's keys and values for each of its samples
+    T = completion_ids.shape[1]
+    cpos = last[rows].unsqueeze(1) + 1 + torch.arange(T, device=dev)  # [N, T]
+    if pos.dim() == 3:
+        cpos = cpos.unsqueeze(0).expand(3, -1, -1)
+    full_att = torch.cat([att[rows], completion_mask.to(att.dtype)], dim=1)
+    comp = core(
+        input_ids=completion_ids, attention_mask=full_att, position_ids=cpos, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    h = torch.cat([out.last_hidden_state[:, -1:][rows], comp[:, :-1]], dim=1)  # positions P-1 .. P+T-2
+    return _head_logprobs(model, h, completion_ids, temperature, chunk_size, with_entropy)
+
+
+def shares_prompts(model) -> bool:
+    """Whether :func:`shared_prompt_logprobs` serves ``model``: a Qwen2 / Qwen2-VL / Qwen2.5-VL
+    model on one process (an FSDP-sharded model keeps one forward per pass), without
+    gradient checkpointing (which turns the KV cache off)."""
+    from framework.distributed import is_sharded
+
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    return (
+        SHARE_PROMPTS
+        and mt in ("qwen2", "qwen2_vl", "qwen2_5_vl")
+        and not getattr(model, "is_gradient_checkpointing", False)
+        and not is_sharded(model)
+        and hasattr(model, "model")
+    )
+
+
+SHARE_PROMPTS = True  # False: one full forward per sample (the plain path; for comparisons)
 
 
 @dataclass
@@ -106,6 +207,20 @@ class RolloutLogProbs:
 
         dev = self.device
         pin = {k: v.to(dev) for k, v in mb.prompt_inputs.items()}
+        if shares_prompts(model):
+            runs = prompt_runs(pin, mb.images_per_sample)
+            if len(runs) < len(mb):  # some samples share their prompt: run it once for them
+                return shared_prompt_logprobs(
+                    model,
+                    pin,
+                    mb.images_per_sample,
+                    mb.completion_ids.to(dev),
+                    mb.completion_mask.to(dev),
+                    runs,
+                    temperature=self.temperature,
+                    chunk_size=self.chunk_size,
+                    with_entropy=with_entropy,
+                )
         kw = training_inputs(pin, mb.completion_ids.to(dev), mb.completion_mask.to(dev), model)
         return completion_logprobs(
             model,
