@@ -114,11 +114,15 @@ class HFGenerateEngine(RolloutEngine):
             pos = (att.long().cumsum(-1) - 1).clamp(min=0)
             last = pos.amax(dim=1)
         kw["position_ids"] = pos
+        P, T = ids.shape[1], sampling.max_new_tokens
         out = model(**kw, logits_to_keep=1)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n)  # the prompt's KV cache shared by its n samples
+        # the prompt's KV cache shared by its n samples (a static cache measured slower here: its
+        # attention runs over all P + T slots at every step)
+        cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)
         att = att.repeat_interleave(n, dim=0)
+        full_att = torch.cat([att, att.new_ones(att.shape[0], T)], dim=1)  # sliced per step, not grown
         next_pos = last.repeat_interleave(n) + 1
         N = logits.shape[0]
         procs = self._processors(sampling)
@@ -141,12 +145,15 @@ class HFGenerateEngine(RolloutEngine):
             unfinished &= ~torch.isin(tok, eos)
             if t + 1 == sampling.max_new_tokens or not bool(unfinished.any()):
                 break
-            att = torch.cat([att, att.new_ones(N, 1)], dim=1)
             p = (next_pos + t).view(N, 1)
             if pos.dim() == 3:
                 p = p.unsqueeze(0).expand(3, N, 1)
             logits = model(
-                input_ids=tok.unsqueeze(1), attention_mask=att, position_ids=p, past_key_values=cache, use_cache=True
+                input_ids=tok.unsqueeze(1),
+                attention_mask=full_att[:, : P + t + 1],
+                position_ids=p,
+                past_key_values=cache,
+                use_cache=True,
             ).logits[:, -1]
         ids = torch.stack(tokens, dim=1).cpu() if tokens else torch.zeros(N, 0, dtype=torch.long)
         return ids, step_logits
