@@ -5,8 +5,9 @@
     python -m benchmarks.throughput --model /models/Qwen2.5-VL-3B-Instruct --dtype bfloat16 --device cuda
 
 Measures the same code the trainer runs: the rollout engine's generate (G completions per
-prompt), the chunked log-prob forward without grad (reference / old policy), and
-forward+backward of the policy loss. Record results in benchmarks/RESULTS.md.
+prompt), the chunked log-prob forward without grad (reference / old policy) and
+forward+backward of the policy loss through :class:`framework.logprobs.RolloutLogProbs` (each
+prompt run once for its samples). Record results in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from framework.data import load_data, to_record
-from framework.logprobs import completion_logprobs
+from framework.logprobs import RolloutLogProbs
 from framework.models.loading import load_model, load_model_bundle, resolve_path
 from framework.registry import ROLLOUT_ENGINES
 from framework.rollout.base import SamplingParams
-from framework.rollout.inputs import encode_prompts, expand_inputs, training_inputs
+from framework.rollout.inputs import encode_prompts, expand_inputs
+from framework.types import Rollout
 
 
 def main() -> None:
@@ -64,14 +66,22 @@ def main() -> None:
         gen = engine.generate(prompts, a.group_size, sp)
         t1 = time.perf_counter()
         ntok = float(gen.completion_mask.sum())
-        pin = {
-            k: v.to(a.device) for k, v in expand_inputs(prompts.inputs, a.group_size, prompts.images_per_sample).items()
-        }
-        kw = training_inputs(pin, gen.completion_ids.to(a.device), gen.completion_mask.to(a.device), model)
+        N = gen.completion_ids.shape[0]
+        ro = Rollout(
+            completion_ids=gen.completion_ids,
+            completion_mask=gen.completion_mask,
+            group_ids=torch.arange(len(recs)).repeat_interleave(a.group_size),
+            rewards=torch.zeros(N),
+            correct=torch.zeros(N),
+            truncated=gen.truncated,
+            prompt_inputs=expand_inputs(prompts.inputs, a.group_size, prompts.images_per_sample),
+            images_per_sample=[c for c in prompts.images_per_sample for _ in range(a.group_size)],
+        )
+        logprobs = RolloutLogProbs(1.0, 1024, a.device)
         with torch.no_grad():
-            completion_logprobs(model, kw, gen.completion_ids.shape[1], with_entropy=False)
+            logprobs(model, ro)
         t2 = time.perf_counter()
-        lp, _ = completion_logprobs(model, kw, gen.completion_ids.shape[1], with_entropy=False)
+        lp, _ = logprobs(model, ro)
         (-(lp * gen.completion_mask.to(a.device)).sum()).backward()
         model.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
