@@ -7,6 +7,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N test processes share the cores, so each (and every run it starts, which
+    # inherits the environment) computes on one thread instead of oversubscribing them
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -37,6 +42,13 @@ def make_image(side: int, seed: int):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)  # also if a plugin imported torch before the variables above were set
 
 
 def pytest_collection_modifyitems(config, items):
