@@ -6,8 +6,9 @@ For the Qwen2 / Qwen2-VL / Qwen2.5-VL models the framework trains, a lean decode
 per-call and per-token overhead, and does each prompt's work once for its ``n`` samples: the
 prompt (and the vision tower over its images) is run at batch = number of prompts, its KV
 cache and next-token logits are repeated ``n`` times, and the ``n`` samples decode from there.
-It samples with transformers' own logits processors (suppressed vision tokens, temperature,
-top-k, top-p, in ``generate``'s order) and ``torch.multinomial`` on the same RNG stream, so
+It samples with transformers' own logits warpers (temperature, top-k, top-p) after the
+suppression of vision tokens, in ``generate``'s order, and ``torch.multinomial`` on the same
+RNG stream, so
 with a fixed seed it draws the same completions as ``generate`` (tests/test_shared_prefill.py).
 Stop strings, FSDP-synced generation and other model types use ``generate``, with its
 generation config built once.
@@ -19,7 +20,6 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -73,22 +73,28 @@ class HFGenerateEngine(RolloutEngine):
         mt = getattr(getattr(self.model, "config", None), "model_type", None)
         return mt in LEAN_MODEL_TYPES and not sampling.stop and not self._synced() and self.lean
 
-    def _processors(self, sampling: SamplingParams) -> LogitsProcessorList:
-        """transformers' logits processors, in ``generate``'s order, for these sampling settings."""
-        key = (sampling.temperature, sampling.top_p, sampling.top_k)
+    def _processors(self, sampling: SamplingParams, vocab: int, dev) -> list:
+        """transformers' logits processors, in ``generate``'s order, for these sampling settings,
+        as a list of ``scores -> scores`` (called directly: ``LogitsProcessorList`` inspects
+        every processor's signature on every call). The vision-token suppression is
+        ``SuppressTokensLogitsProcessor``'s ``where(mask, -inf, scores)`` with its mask built once."""
+        key = (sampling.temperature, sampling.top_p, sampling.top_k, vocab, str(dev))
         cached = getattr(self, "_procs", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        procs = LogitsProcessorList()
+        procs = []
         if self.bundle.vision_token_ids:  # a sampled vision token would crash the training forward
-            procs.append(SuppressTokensLogitsProcessor(self.bundle.vision_token_ids))
+            mask = torch.isin(torch.arange(vocab, device=dev), torch.tensor(self.bundle.vision_token_ids, device=dev))
+            procs.append(lambda scores: torch.where(mask, -float("inf"), scores))
+        warpers = LogitsProcessorList()
         if sampling.temperature > 0:
             if sampling.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(sampling.temperature))
+                warpers.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k:
-                procs.append(TopKLogitsWarper(sampling.top_k))
+                warpers.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
-                procs.append(TopPLogitsWarper(sampling.top_p))
+                warpers.append(TopPLogitsWarper(sampling.top_p))
+        procs += [lambda scores, w=w: w(None, scores) for w in warpers]
         self._procs = (key, procs)
         return procs
 
@@ -125,7 +131,7 @@ class HFGenerateEngine(RolloutEngine):
         full_att = torch.cat([att, att.new_ones(att.shape[0], T)], dim=1)  # sliced per step, not grown
         next_pos = last.repeat_interleave(n) + 1
         N = logits.shape[0]
-        procs = self._processors(sampling)
+        procs = self._processors(sampling, logits.shape[-1], dev)
         sample = sampling.temperature > 0
         eos = torch.tensor(b.eos_token_ids, device=dev)
         pad = torch.tensor(b.pad_token_id, device=dev)
@@ -135,7 +141,8 @@ class HFGenerateEngine(RolloutEngine):
             scores = logits.to(dtype=torch.float32, copy=True)
             if sampling.return_logprobs:
                 step_logits.append(scores)
-            scores = procs(None, scores)
+            for proc in procs:
+                scores = proc(scores)
             if sample:
                 tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
