@@ -19,9 +19,12 @@ def cfg_for(tmp_path, *overrides):
         )
 
 
-# Held-out sampled accuracy (pass@1 at the rollout temperature 1.0) of the warm-started tiny
-# model is ~0.23; 60 RL steps take it to ~0.45-0.55 for each algorithm (seed 0).
-MARGIN = 0.10
+# Held-out sampled accuracy (pass@1 at the rollout temperature 1.0, 100 questions x 4 samples)
+# of the warm-started tiny model is ~0.20; 40 RL steps with a 20% learning-rate warm-up (the
+# budget of tests/test_baselines.py) take it up by at least twice MARGIN for each algorithm
+# (measured values: benchmarks/RESULTS.md, "Learning tests").
+MARGIN = 0.05
+STEPS = 40
 
 
 @pytest.mark.slow
@@ -29,7 +32,13 @@ MARGIN = 0.10
 def test_training_improves_heldout_accuracy(tmp_path, algorithm):
     res = train(
         cfg_for(
-            tmp_path, f"algorithm={algorithm}", "trainer.max_steps=60", "trainer.eval_every=0", "trainer.eval_size=200"
+            tmp_path,
+            f"algorithm={algorithm}",
+            f"trainer.max_steps={STEPS}",
+            "optim.warmup_ratio=0.2",
+            "trainer.eval_every=0",
+            "trainer.eval_size=100",
+            "trainer.eval_samples=4",
         )
     )
     acc = res.metric("eval/accuracy_sampled")
