@@ -686,7 +686,7 @@ def cfg_for(tmp_path, *overrides):
         )
 
 
-# Budget: 40 RL steps (16 prompts x 8 completions) on the default synthetic task, evaluated at
+# Budget (LEARNING_BUDGET, shared with tests/test_training.py): 40 RL steps (16 prompts x 8 completions) on the default synthetic task, evaluated at
 # the start and the end on 100 held-out questions x 4 samples at the rollout temperature, with
 # a 20% learning-rate warm-up (without it the first full-size Adam steps knock the warm-started
 # tiny model down: greedy accuracy 0.84 -> 0.2 after 2 steps on seed 1). GSPO and CISPO have no
@@ -696,8 +696,9 @@ def cfg_for(tmp_path, *overrides):
 #   gspo 0.200 -> 0.365 / 0.213 -> 0.335     rloo         0.200 -> 0.335 / 0.213 -> 0.390
 #   cispo 0.200 -> 0.328 / 0.213 -> 0.340    reinforce_pp 0.200 -> 0.403 / 0.213 -> 0.313
 # so MARGIN is half the smallest of the 8 gains (0.10).
-STEPS = 40
 MARGIN = 0.05
+from test_training import LEARNING_BUDGET  # noqa: E402  (tests/ is on sys.path under pytest)
+
 KL_ANCHOR = {"gspo": ["algorithm.kl.coef=0.04"], "cispo": ["algorithm.kl.coef=0.04"]}
 
 
@@ -708,11 +709,7 @@ def test_training_improves_heldout_accuracy(tmp_path, algorithm):
         cfg_for(
             tmp_path,
             f"algorithm={algorithm}",
-            f"trainer.max_steps={STEPS}",
-            "optim.warmup_ratio=0.2",
-            "trainer.eval_every=0",
-            "trainer.eval_size=100",
-            "trainer.eval_samples=4",
+            *LEARNING_BUDGET,  # the same budget as the learning tests of grpo / grpo_d / apo
             *KL_ANCHOR.get(algorithm, []),
         )
     )

@@ -24,7 +24,13 @@ def cfg_for(tmp_path, *overrides):
 # budget of tests/test_baselines.py) take it up by at least twice MARGIN for each algorithm
 # (measured values: benchmarks/RESULTS.md, "Learning tests").
 MARGIN = 0.05
-STEPS = 40
+LEARNING_BUDGET = [
+    "trainer.max_steps=40",
+    "optim.warmup_ratio=0.2",
+    "trainer.eval_every=0",
+    "trainer.eval_size=100",
+    "trainer.eval_samples=4",
+]
 
 
 @pytest.mark.slow
@@ -34,11 +40,7 @@ def test_training_improves_heldout_accuracy(tmp_path, algorithm):
         cfg_for(
             tmp_path,
             f"algorithm={algorithm}",
-            f"trainer.max_steps={STEPS}",
-            "optim.warmup_ratio=0.2",
-            "trainer.eval_every=0",
-            "trainer.eval_size=100",
-            "trainer.eval_samples=4",
+            *LEARNING_BUDGET,
         )
     )
     acc = res.metric("eval/accuracy_sampled")
