@@ -8,8 +8,8 @@ prompt (and the vision tower over its images) is run at batch = number of prompt
 cache and next-token logits are repeated ``n`` times, and the ``n`` samples decode from there.
 It samples with transformers' own logits warpers (temperature, top-k, top-p) after the
 suppression of vision tokens, in ``generate``'s order, and ``torch.multinomial`` on the same
-RNG stream, so
-with a fixed seed it draws the same completions as ``generate`` (tests/test_shared_prefill.py).
+RNG stream, so with a fixed seed it draws the same completions as ``generate``
+(tests/test_shared_prefill.py).
 Stop strings, FSDP-synced generation and other model types use ``generate``, with its
 generation config built once.
 """
