@@ -260,7 +260,11 @@ def train(cfg: DictConfig) -> RunResult:
         from framework.models.lora import apply_lora
 
         policy = apply_lora(
-            policy, m.lora, adapter_dtype=DTYPES[m.master_dtype], gradient_checkpointing=m.gradient_checkpointing
+            policy,
+            m.lora,
+            adapter_dtype=DTYPES[m.master_dtype],
+            gradient_checkpointing=m.gradient_checkpointing,
+            seed=int(cfg.seed),
         )
     reference = (
         load_model(path, m.dtype, trainable=False, attn_implementation=m.attn_implementation)

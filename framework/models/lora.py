@@ -171,14 +171,22 @@ def warnings_as_errors():
 
 
 # ----------------------------------------------------------------------------- the policy
-def apply_lora(model, opts, *, adapter_dtype: torch.dtype, gradient_checkpointing: bool = False):
+def apply_lora(
+    model, opts, *, adapter_dtype: torch.dtype, gradient_checkpointing: bool = False, seed: int | None = None
+):
     """Wrap ``model`` (loaded, trainable) with LoRA adapters in place and return it: only the
-    adapters require gradients; they are cast to ``adapter_dtype`` (the master dtype)."""
+    adapters require gradients; they are cast to ``adapter_dtype`` (the master dtype). ``seed``:
+    the random initialisation of the adapters is drawn from this seed alone, so that every rank
+    draws the same adapters whatever it did before (FSDP shards each rank's own copy; different
+    copies would stitch together an adapter no single process would have drawn)."""
     peft = import_peft()
-    if opts.path:
-        pm = peft.PeftModel.from_pretrained(model, str(Path(opts.path).expanduser()), is_trainable=True)
-    else:
-        pm = peft.get_peft_model(model, peft_config(opts, vision_tower=hasattr(model.config, "vision_config")))
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if opts.path:
+            pm = peft.PeftModel.from_pretrained(model, str(Path(opts.path).expanduser()), is_trainable=True)
+        else:
+            pm = peft.get_peft_model(model, peft_config(opts, vision_tower=hasattr(model.config, "vision_config")))
     hf = pm.get_base_model()
     for _, m in _adapted(hf):
         for d in (m.lora_A, m.lora_B):
