@@ -301,6 +301,42 @@ def test_lora_grpo_learns_with_only_the_adapters_changed(tmp_path, sft_path):
     assert any(float(v.abs().max()) > 0 for k, v in sd.items() if "lora_B" in k)
 
 
+@pytest.mark.slow
+def test_lora_with_bf16_compute_and_gradient_checkpointing(tmp_path, sft_path):
+    """The real-size path: bf16 compute (Lightning bf16-mixed), the frozen base held in bf16, the
+    adapters and AdamW's state in fp32, gradient checkpointing on; the adapters train and the
+    base stays bit-identical to the base model loaded in bf16."""
+    from framework.train import train
+
+    res = train(
+        cfg_for(
+            tmp_path,
+            "model.lora.enabled=true",
+            "model.dtype=bfloat16",
+            "model.gradient_checkpointing=true",
+            "optim.lr=3e-3",
+            "trainer.max_steps=2",
+            "trainer.prompts_per_step=4",
+            "rollout.group_size=4",
+            "trainer.micro_batch_size=8",
+            "trainer.eval_every=0",
+            "trainer.eval_size=4",
+        )
+    )
+    rows = [r for r in res.history if "reward" in r]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    state = _state(res.final_checkpoint)
+    sd = {k[len("policy.") :]: v for k, v in state["state_dict"].items() if k.startswith("policy.")}
+    lora = {k: v for k, v in sd.items() if "lora_" in k}
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k)  # trained
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state["optimizer_states"][0]["state"].values())
+    base = load_model(sft_path, "bfloat16", trainable=False).state_dict()
+    for k, v in sd.items():
+        if "lora_" not in k:
+            assert v.dtype == torch.bfloat16 and torch.equal(v, base[base_name(k)]), k
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """4 LoRA RL steps (KL on, several optimizer steps per rollout), checkpoints at 2 and 4,
