@@ -609,3 +609,31 @@ def test_lora_two_processes_match_one_process(tmp_path, lora_one_process, strate
     for k in ref:
         if "lora_A" in k:
             assert torch.allclose(ref[k], got[k], rtol=1e-3, atol=1e-5), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["apo", "dapo", "gspo", "rloo", "reinforce_pp", "cispo"])
+def test_every_algorithm_trains_adapters_unchanged(tmp_path, algorithm):
+    """The Algorithm interface does not know about LoRA: each algorithm's step trains the adapters
+    (a gradient reaches them; the loss and the reference's KL are finite)."""
+    import math
+
+    from framework.train import train
+
+    res = train(
+        cfg_for(
+            tmp_path,
+            f"algorithm={algorithm}",
+            "model.lora.enabled=true",
+            "optim.lr=3e-3",
+            "trainer.max_steps=1",
+            "trainer.prompts_per_step=4",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=12",
+            "trainer.eval_every=0",
+            "trainer.eval_size=4",
+        )
+    )
+    rows = [r for r in res.history if "reward" in r]
+    assert len(rows) == 1
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r.get("kl", 0.0)) and r["grad_norm"] > 0 for r in rows)
