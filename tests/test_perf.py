@@ -19,6 +19,8 @@ SMALL = [
     "rollout.max_new_tokens=8",
     "trainer.eval_every=0",
     "trainer.eval_size=2",
+    "data.train_size=8",
+    "data.test_size=4",
     "trainer.save_every=0",
 ]
 
