@@ -462,7 +462,7 @@ def text_records():
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(tiny_text_path):
+def vllm_available():
     for k, v in VLLM_ENV.items():
         os.environ.setdefault(k, v)
     try:
@@ -471,6 +471,10 @@ def vllm_engine(tiny_text_path):
         if os.environ.get("APO_RL_REQUIRE_VLLM") == "1":
             pytest.fail(f"vLLM is not importable ({e}); APO_RL_REQUIRE_VLLM=1 requires it", pytrace=False)
         pytest.skip(f"vLLM is not importable ({e})")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_available, tiny_text_path):
     from framework.config import RolloutConfig
     from framework.rollout.vllm_engine import VLLMEngine
 
@@ -544,7 +548,7 @@ LORA_VLLM_RUN = [
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_lora_training_with_vllm_keeps_the_gap_at_full_sync_level_and_a_skipped_sync_shows(
-    vllm_engine, tmp_path, monkeypatch
+    vllm_available, tmp_path, monkeypatch
 ):
     from framework.rollout.vllm_engine import VLLMEngine
     from framework.train import train
@@ -637,3 +641,34 @@ def test_every_algorithm_trains_adapters_unchanged(tmp_path, algorithm):
     rows = [r for r in res.history if "reward" in r]
     assert len(rows) == 1
     assert all(math.isfinite(r["loss"]) and math.isfinite(r.get("kl", 0.0)) and r["grad_norm"] > 0 for r in rows)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_fsdp_lora_engines_track_the_policy(vllm_available, tmp_path):
+    """2 FSDP ranks, each with its own engine: every rank merges the gathered adapters into the
+    gathered base weights of the adapted modules (a collective) and pushes them, so the
+    sampler/trainer gap stays at numerical noise while the policy moves away from the reference."""
+    import csv
+
+    args = [
+        *LORA_VLLM_RUN,
+        "logger.wandb=false",
+        "trainer.progress_bar=false",
+        "trainer=fsdp",
+        "trainer.fsdp.mixed_precision=null",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        f"output_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, **VLLM_ENV, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    p = subprocess.run(
+        [sys.executable, "-m", "framework.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()) if r.get("reward")]
+    assert [float(r["rl_step"]) for r in rows] == [1.0, 2.0, 3.0]
+    assert all(float(r["rollout/logp_diff_max"]) < LOGP_TOL for r in rows)  # measured ~1e-6
+    assert float(rows[-1]["kl"]) > 1e-3
+    assert (tmp_path / "checkpoints" / "step-000003" / "policy" / "adapter_config.json").is_file()
