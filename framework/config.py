@@ -49,7 +49,9 @@ class LoraOptions:
     vision: bool = False  # adapters on the vision tower's linear layers too (false: it stays frozen as it is)
     init_lora_weights: Any = True  # true (B = 0: the adapted model starts as the base) | false | gaussian | orthogonal
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    path: Optional[str] = None  # a peft adapter folder (adapter_config.json) to continue from; its r/alpha/targets win
+    # a peft adapter folder (adapter_config.json) to continue from: its r/alpha/targets win, and the
+    # KL reference stays the base model (the adapters disabled), not the adapter it starts from
+    path: Optional[str] = None
     export_merged: bool = False  # checkpoints also hold merged/: the base with the adapters merged (from_pretrained)
 
     def validate(self, p: str) -> None:
