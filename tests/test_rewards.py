@@ -244,7 +244,9 @@ def test_pool_soft_and_hard_timeouts_replace_worker():
                 {"op": "raise", "message": "bad"},
             ]
         )
-        assert time.monotonic() - t0 < 8
+        # both 30 s tasks were cut short (uninterrupted they take 60 s); the bound leaves room
+        # for starting the replacement worker on a loaded machine (8.5 s seen under pytest -n 2)
+        assert time.monotonic() - t0 < 20
         assert [o["status"] for o in out] == ["timeout", "timeout", "ok", "error"]
         assert out[1].get("hard") and out[2]["score"] == 1.0 and "bad" in out[3]["error"]
         assert pool.restarts == 1
