@@ -68,6 +68,16 @@ class LoraOptions:
                     f"nothing: add {p}.enabled=true to train LoRA adapters (or drop {p}.{changed[0]})"
                 )
             return
+        if self.path:  # the adapter folder's own adapter_config.json decides these: setting one would be ignored
+            default = LoraOptions()
+            from_folder = ("r", "alpha", "dropout", "target_modules", "vision", "init_lora_weights", "use_rslora")
+            changed = [k for k in from_folder if getattr(self, k) != getattr(default, k)]
+            if changed:
+                raise ConfigError(
+                    f"{p}.{changed[0]}={getattr(self, changed[0])!r} is set but {p}.path={self.path} brings its own "
+                    f"(its adapter_config.json), so it would be ignored: drop {p}.{changed[0]}, or drop {p}.path "
+                    "to train new adapters"
+                )
         if not _is_int(self.r) or self.r <= 0:
             raise ConfigError(f"{p}.r={self.r!r} must be an integer > 0 (the adapters' rank, e.g. 16 or 64)")
         if not (math.isfinite(self.alpha) and self.alpha > 0):

@@ -93,6 +93,10 @@ def vl_rollout(tiny_vl_path, vl_bundle):
             r"init_lora_weights='pissa' is not allowed.*rewrite the base weights",
         ),
         (
+            ["model.lora.enabled=true", "model.lora.path=/some/adapter", "model.lora.r=64"],
+            r"model\.lora\.r=64 is set but model\.lora\.path=/some/adapter brings its own .*drop model\.lora\.r",
+        ),
+        (
             ["model.lora.enabled=true", "+model.lora.rank=8"],
             r"unknown key 'model\.lora\.rank'.*allowed keys in model\.lora: enabled, r, alpha",
         ),
