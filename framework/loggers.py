@@ -64,6 +64,21 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
+class RunWandbLogger(WandbLogger):
+    """Lightning's W&B logger with one step axis: every chart is drawn against the RL step
+    (``define_metric``), declared with the first row, so the W&B run still starts when
+    Lightning first needs it (a resumed run's id may take a moment to be free again)."""
+
+    _step_axis_defined = False
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if not self._step_axis_defined:
+            self.experiment.define_metric("rl_step")
+            self.experiment.define_metric("*", step_metric="rl_step")
+            self._step_axis_defined = True
+        super().log_metrics(metrics, step)
+
+
 def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | None, resumed_step: int | None):
     """CSV and W&B loggers for the run in ``out``; ``wandb_id`` names the W&B run (a resumed
     run passes its stored id and continues it)."""
@@ -75,7 +90,7 @@ def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | Non
     if lg.wandb and mode != "disabled":
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
-        wb = WandbLogger(
+        wb = RunWandbLogger(
             project=lg.project,
             group=lg.group,
             name=lg.name or run_name(run_config),
@@ -85,10 +100,6 @@ def make_loggers(logger_cfg, run_config: dict, out: Path, *, wandb_id: str | Non
             id=wandb_id,
             resume="allow",
         )
-        # one step axis: every chart is drawn against the RL step (W&B's own _step is the same
-        # number here, but a chart of a resumed or re-logged run keys on the declared metric)
-        wb.experiment.define_metric("rl_step")
-        wb.experiment.define_metric("*", step_metric="rl_step")
         loggers.append(wb)
     return loggers
 
