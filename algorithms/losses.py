@@ -35,12 +35,21 @@ def clipped_surrogate(
     """
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
     rho = torch.exp(logp - logp_old.detach())
-    unclipped = rho * adv
-    clipped = torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * adv
+    return clipped_objective(rho, adv, eps_low, eps_high)
+
+
+def clipped_objective(
+    ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) and where the clip binds:
+    (s, (ratio < 1 - eps_low) & (A < 0), (ratio > 1 + eps_high) & (A > 0)), shapes of ratio * A.
+    The PPO and GSPO surrogates differ only in their ratio (per token / per sequence)."""
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     s = torch.where(clipped < unclipped, clipped, unclipped)
     with torch.no_grad():
-        low = (rho < 1.0 - eps_low) & (adv < 0)
-        high = (rho > 1.0 + eps_high) & (adv > 0)
+        low = (ratio < 1.0 - eps_low) & (adv < 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
     return s, low, high
 
 
@@ -89,12 +98,7 @@ def gspo_surrogate(
     else:
         ratio = torch.exp(log_s)  # [N]
         a = adv
-    unclipped = ratio * a
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
-    s = torch.where(clipped < unclipped, clipped, unclipped)
-    with torch.no_grad():
-        low = (ratio < 1.0 - eps_low) & (a < 0)
-        high = (ratio > 1.0 + eps_high) & (a > 0)
+    s, low, high = clipped_objective(ratio, a, eps_low, eps_high)
     if not token_level:
         T = logp.shape[-1]
         s = s.unsqueeze(-1).expand(-1, T)
