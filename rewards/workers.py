@@ -221,16 +221,20 @@ class _Worker:
         self.proc.stdin.write(_HEADER.pack(len(data)) + data)
         self.proc.stdin.flush()
 
-    def read_lines(self) -> list[dict] | None:
-        """Complete reply lines available now; None at EOF (the worker died)."""
+    def read_lines(self) -> tuple[list[dict], bool]:
+        """Complete reply lines available now, and whether the pipe is at EOF (the worker
+        exited). Lines written just before the exit come with the EOF: they are kept (a
+        worker that replies, then leaves, is not a worker that died mid-request)."""
         out = []
+        eof = False
         while True:
             try:
                 chunk = os.read(self.fd, 65536)
             except BlockingIOError:
                 break
             if not chunk:
-                return out if out else None
+                eof = True
+                break
             self.buf += chunk
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
@@ -240,7 +244,7 @@ class _Worker:
                 except ValueError:
                     msg = None
                 out.append(msg if isinstance(msg, dict) else {"garbled": line[:200].decode("utf-8", "replace")})
-        return out
+        return out, eof
 
     def kill(self) -> None:
         _stop_procs([self.proc], grace_s=0.0)
@@ -486,9 +490,9 @@ class WorkerPool:
                     w: _Worker = key.data
                     if w not in self._workers:
                         continue
-                    lines = w.read_lines()
+                    lines, eof = w.read_lines()
                     garbled = None
-                    for msg in lines or []:
+                    for msg in lines:
                         if "garbled" in msg:
                             garbled = msg["garbled"]
                             continue
@@ -514,7 +518,7 @@ class WorkerPool:
                     if w.leaving and w.task is None:  # it exits after its reply: replace it now
                         self._replace(w, sel, kill=False)
                         continue
-                    if lines is None:  # EOF: the worker died
+                    if eof:  # the worker died
                         rc = w.proc.poll()
                         if rc is None:
                             try:

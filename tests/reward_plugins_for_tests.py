@@ -86,3 +86,13 @@ class WrongLength(Reward):
 
     def __call__(self, completions, records):
         return RewardResult(scores=[1.0] * (len(completions) - 1))
+
+
+def leaving_handler(init):
+    """A worker handler (``rewards.workers``) that answers ``SystemExit``: the worker replies,
+    then exits."""
+
+    def handle(req):
+        raise SystemExit(3)
+
+    return handle

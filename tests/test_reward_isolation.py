@@ -221,3 +221,29 @@ def test_reward_config_options_checked():
         cfg = {"components": {"format": {}}, "correctness": "format", **extra}
         with pytest.raises(ConfigError, match=key):
             RewardSet.from_config(cfg)
+
+
+def test_a_reply_read_together_with_the_workers_exit_is_kept():
+    """A worker that replies and then exits (SystemExit in a plugin) can be read after it has
+    gone: its reply and the end of its pipe arrive in one read. The reply must be kept (it
+    once was dropped and the item reported as 'worker died (exit code 0)', which CI caught)."""
+    import pickle
+
+    from rewards.workers import _HEADER, _Worker
+
+    w = _Worker(
+        {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(P.__file__), os.environ.get("PYTHONPATH", "")])},
+        {"handler": "reward_plugins_for_tests:leaving_handler", "init": None, "sys_path": []},
+    )
+    try:
+        data = pickle.dumps({"id": 7, "timeout": 5.0, "call": 1})
+        w.proc.stdin.write(_HEADER.pack(len(data)) + data)
+        w.proc.stdin.flush()
+        assert w.proc.wait(timeout=30) == 0  # gone before the parent reads a byte
+        lines, eof = w.read_lines()
+        assert eof
+        assert lines[0] == {"ready": True}
+        assert lines[1]["id"] == 7 and lines[1]["status"] == "error" and lines[1]["leaving"] is True
+        assert "SystemExit: 3" in lines[1]["error"]
+    finally:
+        w.kill()
