@@ -46,6 +46,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import EXIT_PREEMPTED, ConfigError
+from framework.loggers import without_wandb_service
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -274,7 +275,11 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
             cwd=str(ROOT),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **{str(k): str(v) for k, v in (s.get("env") or {}).items()}},
+            env={
+                **without_wandb_service(dict(os.environ)),  # each run its own W&B service: see the function
+                "PYTHONUNBUFFERED": "1",
+                **{str(k): str(v) for k, v in (s.get("env") or {}).items()},
+            },
         )
         _RUNNING.add(proc)
         timed_out = threading.Event()

@@ -13,6 +13,10 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from framework.errors import UserError
+
+WANDB_SERVICE = "WANDB_SERVICE"  # W&B's variable naming the service a process (and its children) use
+
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer that continues an existing ``metrics.csv`` instead of deleting it:
@@ -71,6 +75,15 @@ class RunWandbLogger(WandbLogger):
 
     _step_axis_defined = False
 
+    @property
+    def experiment(self):
+        try:
+            return super().experiment
+        except Exception as e:
+            if "is in use" not in str(e):
+                raise
+            raise UserError(wandb_id_in_use(self._id)) from e
+
     def log_metrics(self, metrics, step=None) -> None:
         if not self._step_axis_defined:
             self.experiment.define_metric("rl_step")
@@ -110,6 +123,28 @@ def finish_wandb(loggers) -> None:
     for lg in loggers:
         if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
             lg.experiment.finish()
+
+
+def wandb_id_in_use(run_id: str | None) -> str:
+    """What to do when W&B refuses a run id as "in use" (a resumed run, usually)."""
+    if os.environ.get(WANDB_SERVICE):
+        return (
+            f"W&B run {run_id} is still open in the W&B service this process joined ({WANDB_SERVICE} is set, "
+            "e.g. by a parent process that used W&B): a killed run's id stays in use there until that service "
+            f"ends. Unset {WANDB_SERVICE} for this run (or end the parent process), then run the same command again"
+        )
+    return (
+        f"W&B run {run_id} is in use by another process: is a run of this folder still running? "
+        "Stop it, then run the same command again"
+    )
+
+
+def without_wandb_service(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a run started as a child process, without the parent's W&B service
+    (``WANDB_SERVICE``, which W&B puts in the environment of a process that used it): the child
+    starts its own, so a child that is killed cannot leave its run id "in use" for the one that
+    resumes it (W&B's own sweep agent does the same for its runs)."""
+    return {k: v for k, v in env.items() if k != WANDB_SERVICE}
 
 
 def new_wandb_id() -> str:

@@ -15,6 +15,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_wandb_service():
+    """A test that used W&B in this process leaves ``WANDB_SERVICE`` in its environment, and
+    every run a later test starts as a child would join that service: a killed child's run id
+    then stays "in use" there and its resume fails (CI saw it). Runs a user starts from a shell
+    have their own service; so do the runs of the tests."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_vl_path():
     from framework.models.tiny import build_tiny

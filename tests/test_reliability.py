@@ -276,3 +276,50 @@ def test_a_preempted_sweep_resumes_its_interrupted_run(tmp_path):
     assert (run / "DONE.json").exists() and not (run / "INTERRUPTED.json").exists()
     steps = [float(x["rl_step"]) for x in _csv_rows(run) if x.get("reward")]
     assert steps == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_a_run_id_left_open_in_a_shared_wandb_service(tmp_path):
+    """W&B shares a process's service with its children (``WANDB_SERVICE``); a run id a killed
+    child left open there is refused as "in use" to the run that resumes it. That is one
+    clear line naming the fix, and a child started with ``without_wandb_service`` (as
+    ``benchmarks.run`` starts its runs) is not affected."""
+    child = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from framework.errors import UserError, one_line
+from framework.loggers import RunWandbLogger
+lg = RunWandbLogger(id="openrun42", save_dir={str(tmp_path)!r}, resume="allow")
+try:
+    lg.experiment
+except UserError as e:
+    print("USERERROR", one_line(e))
+else:
+    print("STARTED", lg.experiment.id)
+    lg.experiment.finish()
+"""
+    parent = f"""
+import os, subprocess, sys
+import wandb
+sys.path.insert(0, {str(ROOT)!r})
+from framework.loggers import without_wandb_service
+run = wandb.init(mode="offline", dir={str(tmp_path)!r}, id="openrun42")  # left open, as a killed run's
+assert os.environ.get("WANDB_SERVICE")
+for env in (dict(os.environ), without_wandb_service(dict(os.environ))):
+    p = subprocess.run([sys.executable, "-c", {child!r}], env=env, capture_output=True, text=True, timeout=240)
+    print(p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "NOTHING " + p.stderr[-2000:])
+run.finish()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    p = subprocess.run(
+        [sys.executable, "-c", parent],
+        env={**env, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and len(lines) == 2, p.stdout + p.stderr[-3000:]
+    shared, own = lines
+    assert shared.startswith("USERERROR W&B run openrun42 is still open in the W&B service"), shared
+    assert "Unset WANDB_SERVICE" in shared
+    assert own == "STARTED openrun42", own
