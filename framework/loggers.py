@@ -75,6 +75,13 @@ class RunWandbLogger(WandbLogger):
 
     _step_axis_defined = False
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Lightning always passes `anonymous` (None when unset) and W&B 0.31 warns that the
+        # setting has no effect whenever it is passed: leave it out
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
     @property
     def experiment(self):
         try:

@@ -22,8 +22,8 @@ SHORT = [
 ]
 
 
-def _env():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def _env(wandb_mode: str = "disabled"):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": wandb_mode, "HF_HUB_OFFLINE": "1"}
     env.pop("APO_RL_DEBUG", None)
     return env
 
@@ -42,7 +42,7 @@ def test_a_run_with_output_to_a_file_prints_progress_lines_once(tmp_path):
                 f"hydra.run.dir={tmp_path / 'run'}",
             ],
             cwd=tmp_path,
-            env=_env(),
+            env=_env("offline"),  # W&B offline, as a user's run (the default) logs
             stdout=f,
             stderr=subprocess.STDOUT,
             timeout=600,
@@ -68,7 +68,15 @@ def test_a_run_with_output_to_a_file_prints_progress_lines_once(tmp_path):
     assert any(ln.strip() == "evaluated 4/4" for ln in lines)  # evaluation shows its progress too
     twice = [ln for ln, n in collections.Counter(lines).items() if n > 1 and not ln.startswith("  ")]
     assert not twice, twice
-    for noise in ("litlogger", "LeafSpec", "Loading weights", "Writing model shards", "`weights_only` was not set"):
+    noises = (
+        "litlogger",
+        "LeafSpec",
+        "Loading weights",
+        "Writing model shards",
+        "`weights_only` was not set",
+        "wandb:",
+    )
+    for noise in noises:
         assert noise not in text, noise
 
 
