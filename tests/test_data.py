@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import re
 import time
@@ -204,6 +205,29 @@ def test_splits_disjoint_on_small_space():
     answers = d["train"]["answer"]
     assert {a: answers.count(a) for a in set(answers)}.keys() == {"1", "2", "3", "4"}
     assert min(answers.count(a) for a in "1234") > 300  # redraws keep the answers balanced
+
+
+def test_balanced_answers_make_every_count_equally_frequent():
+    """Drawn level first, a 2x2 count (1-4) is 3.3x as frequent as a count only a 3x3 grid
+    holds (5-9): 1/2*1/4 + 1/2*1/9 against 1/2*1/9. ``balanced_answers`` draws the answer first:
+    each of 1-9 is 1/9, and a count only a 3x3 grid holds comes on a 3x3 grid."""
+    n = 4500
+    plain, _ = generate_split("train", n, seed=0, difficulty=[1, 2], kinds=["count"])
+    counts = collections.Counter(plain["answer"])
+    assert counts["1"] / counts["9"] > 2.5  # expected 0.181 / 0.056 = 3.25
+    ds, _ = generate_split("train", n, seed=0, difficulty=[1, 2], kinds=["count"], balanced_answers=True)
+    counts = collections.Counter(ds["answer"])
+    assert set(counts) == {str(i) for i in range(1, 10)}
+    assert all(abs(c / n - 1 / 9) < 0.02 for c in counts.values()), counts  # binomial sd 0.0047
+    for ans, d in zip(ds["answer"], ds["difficulty"]):
+        assert d == 2 or int(ans) <= 4
+    # count_color: 0-9 equally frequent; the other kinds are drawn as before
+    ds, _ = generate_split("train", n, seed=0, difficulty=[1, 2], kinds=["count_color"], balanced_answers=True)
+    counts = collections.Counter(ds["answer"])
+    assert set(counts) == {str(i) for i in range(10)} and all(abs(c / n - 0.1) < 0.02 for c in counts.values())
+    a, _ = generate_split("train", 50, seed=0, difficulty=[1, 2], kinds=["compare"], balanced_answers=True)
+    b, _ = generate_split("train", 50, seed=0, difficulty=[1, 2], kinds=["compare"])
+    assert a["question"] == b["question"] and a["answer"] == b["answer"]
 
 
 def test_generation_fast():

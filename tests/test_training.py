@@ -19,12 +19,17 @@ def cfg_for(tmp_path, *overrides):
         )
 
 
-# Held-out sampled accuracy (pass@1 at the rollout temperature 1.0, 100 questions x 4 samples)
-# of the warm-started tiny model is ~0.20; 40 RL steps with a 20% learning-rate warm-up (the
-# budget of tests/test_baselines.py) take it up by at least twice MARGIN for each algorithm
-# (measured values: benchmarks/RESULTS.md, "Learning tests").
+# Held-out sampled accuracy (pass@1 at temperature 1.0, 100 questions x 4 samples) of the
+# warm-started tiny model is low; 40 RL steps with a 20% learning-rate warm-up (the budget of
+# tests/test_baselines.py) take it up by at least twice MARGIN for each algorithm (measured
+# values: benchmarks/RESULTS.md, "Learning tests"). At temperature 1.0, the papers' value:
+# the default run's 0.7 (the tiny model's config) sharpens a distribution already sharp
+# enough to be right 56% of the time, and 40 steps are too few to show it (80 raise the greedy
+# accuracy: README).
 MARGIN = 0.05
 LEARNING_BUDGET = [
+    "rollout.temperature=1.0",
+    "data.balanced_answers=false",
     "trainer.max_steps=40",
     "optim.warmup_ratio=0.2",
     "trainer.eval_every=0",

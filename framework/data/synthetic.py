@@ -191,6 +191,24 @@ _SAMPLERS = {
     "color_choice": _sample_color_choice,
     "compare": _sample_compare,
 }
+
+
+def _balanced_count(rng, difficulty):
+    """An answer drawn uniformly from every count the levels allow, then a level whose grid
+    can hold it: each answer is equally frequent (drawn level first, the counts a 2x2 grid
+    allows are three times as frequent as those only a 3x3 grid allows)."""
+    n = rng.randint(1, max(GRID_SIZE[d] ** 2 for d in difficulty))
+    return rng.choice([d for d in difficulty if GRID_SIZE[d] ** 2 >= n]), n
+
+
+def _balanced_count_color(rng, difficulty):
+    m = rng.randint(0, max(GRID_SIZE[d] ** 2 for d in difficulty))
+    return rng.choice([d for d in difficulty if GRID_SIZE[d] ** 2 >= m]), (rng.randrange(4), m)
+
+
+# kinds whose answer distribution depends on the grid size; the others are balanced as drawn
+_BALANCED = {"count": _balanced_count, "count_color": _balanced_count_color}
+
 _ANSWER_TYPE = {"count": "number", "count_color": "number", "color_choice": "choice", "compare": "text"}
 
 
@@ -212,9 +230,12 @@ def generate_split(
     kinds: Iterable[str] = KINDS,
     modality: str = "image",
     exclude: set | None = None,
+    balanced_answers: bool = False,
 ) -> tuple[Dataset, set]:
     """Draw ``size`` records for ``split``; returns the dataset and its set of
-    (kind, k, grid, question) keys. Samples whose key is in ``exclude`` are redrawn."""
+    (kind, k, grid, question) keys. Samples whose key is in ``exclude`` are redrawn.
+    ``balanced_answers``: counting questions draw their answer first, uniformly over every
+    count the levels allow (else the level first, then a count its grid allows)."""
     try:
         difficulty = [int(d) for d in difficulty]
     except (TypeError, ValueError):
@@ -243,6 +264,9 @@ def generate_split(
         k = GRID_SIZE[d]
         sampler = _SAMPLERS[kind]
         stratum = None
+        if balanced_answers and kind in _BALANCED:
+            d, stratum = _BALANCED[kind](rng, difficulty)
+            k = GRID_SIZE[d]
         for attempt in range(2000):
             # keep the answer-determining draw for 100 tries so that redraws do not skew
             # the answer distribution, then redraw everything
@@ -293,6 +317,7 @@ def build(cfg: Any) -> DatasetDict:
         difficulty=_as_list(cfg_get(cfg, "difficulty", [1]), "difficulty"),
         kinds=_as_list(cfg_get(cfg, "kinds", list(KINDS)), "kinds"),
         modality=str(cfg_get(cfg, "modality", "image")),
+        balanced_answers=bool(cfg_get(cfg, "balanced_answers", False)),
     )
     test, test_keys = generate_split("test", int(cfg_get(cfg, "test_size", 200)), **common)
     train, _ = generate_split("train", int(cfg_get(cfg, "train_size", 2000)), exclude=test_keys, **common)

@@ -76,6 +76,9 @@ def build_warmstarted(
         model = load_model(str(base), "float32")
         dcfg = _default_data_cfg(kind)
         dcfg["seed"] = seed + 1000  # a different draw from the RL train split the run uses
+        # the level drawn first, as an instruct model's data would be: the rare counts (5-9) it
+        # answers poorly are what RL on the balanced task (data.balanced_answers) teaches
+        dcfg["balanced_answers"] = False
         if difficulty:
             dcfg["difficulty"] = list(difficulty)
         ds = load_data(dcfg)["train"]
