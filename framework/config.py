@@ -340,9 +340,8 @@ class DataConfig:
     difficulty: Any = field(default_factory=lambda: [1])  # a level or a list of levels (1, 2, 3)
     kinds: Any = None  # a kind or a list (null: all)
     modality: str = "image"  # image | text
-    balanced_answers: bool = (
-        False  # counting kinds: every count equally frequent over the levels (configs/data/synthetic.yaml: true)
-    )
+    # counting kinds: every count equally frequent over the levels (configs/data/synthetic.yaml: true)
+    balanced_answers: bool = False
     # ---- local files (task: local)
     path: Optional[str] = None
     split_files: dict[str, Any] = field(default_factory=dict)

@@ -70,8 +70,9 @@ class RunCSVLogger(CSVLogger):
 
 class RunWandbLogger(WandbLogger):
     """Lightning's W&B logger with one step axis: every chart is drawn against the RL step
-    (``define_metric``), declared with the first row, so the W&B run still starts when
-    Lightning first needs it (a resumed run's id may take a moment to be free again)."""
+    (``define_metric``, declared with the first row: the W&B run starts when Lightning first
+    needs it, not when the logger is built). An id W&B refuses as "in use" is a
+    :class:`UserError` that says why and what to do (:func:`wandb_id_in_use`)."""
 
     _step_axis_defined = False
 

@@ -193,17 +193,22 @@ _SAMPLERS = {
 }
 
 
-def _balanced_count(rng, difficulty):
-    """An answer drawn uniformly from every count the levels allow, then a level whose grid
-    can hold it: each answer is equally frequent (drawn level first, the counts a 2x2 grid
+def _count_then_level(rng, difficulty, lowest: int) -> tuple[int, int]:
+    """A count drawn uniformly from ``lowest`` to the largest grid's cells, then a level whose
+    grid can hold it: each count is equally frequent (drawn level first, the counts a 2x2 grid
     allows are three times as frequent as those only a 3x3 grid allows)."""
-    n = rng.randint(1, max(GRID_SIZE[d] ** 2 for d in difficulty))
-    return rng.choice([d for d in difficulty if GRID_SIZE[d] ** 2 >= n]), n
+    n = rng.randint(lowest, max(GRID_SIZE[d] ** 2 for d in difficulty))
+    return n, rng.choice([d for d in difficulty if GRID_SIZE[d] ** 2 >= n])
+
+
+def _balanced_count(rng, difficulty):
+    n, d = _count_then_level(rng, difficulty, 1)
+    return d, n
 
 
 def _balanced_count_color(rng, difficulty):
-    m = rng.randint(0, max(GRID_SIZE[d] ** 2 for d in difficulty))
-    return rng.choice([d for d in difficulty if GRID_SIZE[d] ** 2 >= m]), (rng.randrange(4), m)
+    m, d = _count_then_level(rng, difficulty, 0)
+    return d, (rng.randrange(4), m)
 
 
 # kinds whose answer distribution depends on the grid size; the others are balanced as drawn
@@ -264,7 +269,7 @@ def generate_split(
         k = GRID_SIZE[d]
         sampler = _SAMPLERS[kind]
         stratum = None
-        if balanced_answers and kind in _BALANCED:
+        if balanced_answers and kind in _BALANCED:  # the answer first, then its level (d above is replaced)
             d, stratum = _BALANCED[kind](rng, difficulty)
             k = GRID_SIZE[d]
         for attempt in range(2000):
