@@ -330,14 +330,15 @@ def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
 
 
 # the algorithm yamls (configs/algorithm/), where a ``defaults`` entry is looked up
-ALGORITHM_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "algorithm"
-
-
-def resolve_defaults(cfg: dict, config_dir: Path = ALGORITHM_CONFIG_DIR, _chain: tuple = ()) -> dict:
+def resolve_defaults(cfg: dict, config_dir: Path | None = None, _chain: tuple = ()) -> dict:
     """Resolve the Hydra defaults list of an algorithm yaml the way Hydra composes it: each
     entry names ``<config_dir>/<entry>.yaml`` (itself resolved), merged in order, with the
     yaml's own keys at ``_self_`` (at the end when not listed). The list is kept under
     ``defaults`` in the result. A config without ``defaults`` is returned as it is."""
+    if config_dir is None:
+        from framework.resources import config_dir as installed
+
+        config_dir = installed() / "algorithm"
     defaults = cfg.get("defaults")
     if not defaults:
         return cfg

@@ -30,8 +30,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import ConfigError
+from framework.resources import HYDRA_CONFIG_PATH
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 log = logging.getLogger("benchmarks.evaluate")  # not __name__: that is "__main__" under python -m
 
 
@@ -183,7 +183,7 @@ def _run_dir() -> str:
         return os.getcwd()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=HYDRA_CONFIG_PATH, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from framework.run import setup_console_logging, user_errors
 

@@ -613,9 +613,9 @@ def budget_summary(b) -> dict:
 
 def part_step(plan: Plan, a, rec: Record) -> None:
     import torch
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from framework.resources import compose_config
     from framework.run import setup_console_logging
 
     setup_console_logging()
@@ -654,8 +654,7 @@ def part_step(plan: Plan, a, rec: Record) -> None:
             f"output_dir={tmp / 'run'}",
         ]
         rec["overrides"] = overrides
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        cfg = compose_config(overrides)
 
         from framework.checkpoint import RLCheckpoint
         from framework.models.loading import load_model_bundle

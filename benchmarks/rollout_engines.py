@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def data_config(name: str) -> dict:
-    """configs/data/<name>.yaml with its Hydra defaults list (e.g. synthetic_text extends synthetic) merged."""
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "data" / f"{name}.yaml"), resolve=True)
-    for base in [d for d in cfg.pop("defaults", []) if d != "_self_"]:
-        cfg = {**data_config(base), **cfg}
-    return cfg
+    """The ``data`` section of ``apo-rl data=<name>`` (configs/data/<name>.yaml over its bases)."""
+    from framework.resources import compose_config
+
+    return OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True)
 
 
 def main() -> None:

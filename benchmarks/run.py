@@ -47,9 +47,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import EXIT_PREEMPTED, ConfigError
 from framework.loggers import without_wandb_service
+from framework.resources import HYDRA_CONFIG_PATH, compose_config
+from framework.run import entry_command
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(ROOT / "configs")
 DONE, FAILED, LOG, INTERRUPTED = "DONE.json", "FAILED.json", "console.log", "INTERRUPTED.json"
 SUITE_FILE = "suite.yaml"
 
@@ -137,7 +137,7 @@ def plan(s: dict, sweep_dir: Path) -> list[Run]:
                     log,
                     [f"output_dir={run_dir}", f"hydra.run.dir={run_dir}"],
                 )
-                runs.append(Run(task, algo, int(seed), run_dir, [sys.executable, "-m", "framework.run", *overrides]))
+                runs.append(Run(task, algo, int(seed), run_dir, entry_command("framework.run", *overrides)))
     return runs
 
 
@@ -272,7 +272,6 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
         log.flush()
         proc = subprocess.Popen(
             command,
-            cwd=str(ROOT),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={
@@ -355,20 +354,8 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
 
 
 def compose_run_config(overrides: list[str]) -> DictConfig:
-    """A run's config as ``python -m framework.run <overrides>`` composes it (Hydra's compose
-    API on configs/; works inside a running Hydra app too)."""
-    from hydra import compose, initialize_config_dir  # (importing framework registered the schema bases)
-    from hydra.core.global_hydra import GlobalHydra
-
-    gh = GlobalHydra.instance()
-    running = gh.hydra if gh.is_initialized() else None  # benchmarks.run's own Hydra app
-    gh.clear()
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("config", overrides=list(overrides))
-    finally:
-        if running is not None:
-            GlobalHydra.instance().initialize(running)
+    """A run's config as ``apo-rl <overrides>`` composes it."""
+    return compose_config(overrides)
 
 
 def preflight(runs: list[Run]) -> dict[str, list[str]]:
@@ -489,7 +476,7 @@ def run_suite(cfg: DictConfig) -> list[Run]:
     return runs
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="benchmark", version_base="1.3")
+@hydra.main(config_path=HYDRA_CONFIG_PATH, config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from framework.run import setup_console_logging, user_errors
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -44,15 +43,9 @@ def main() -> None:
     path = resolve_path(a.model)
     bundle = load_model_bundle(path)
     model = load_model(path, a.dtype).to(a.device)
-    dcfg = OmegaConf.to_container(
-        OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / f"{a.data}.yaml")
-    )
-    dcfg.pop("defaults", None)
-    if a.data == "synthetic_text":
-        base = OmegaConf.to_container(
-            OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "data" / "synthetic.yaml")
-        )
-        dcfg = {**base, **dcfg}
+    from benchmarks.rollout_engines import data_config
+
+    dcfg = data_config(a.data)
     ds = load_data(dcfg)["test"]
     recs = [to_record(ds[i]) for i in range(a.prompts)]
     rcfg = OmegaConf.create({"engine": a.engine})

@@ -462,8 +462,9 @@ def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
             if not is_dataclass(ft):
                 break
             parent, where = ft, f"{where}.{part}"
-        allowed = ", ".join(f.name for f in fields(parent))
-        raise ConfigError(f"unknown key '{prefix}.{key}'; allowed keys in {where}: {allowed}") from None
+        from framework.overrides import unknown_key_error
+
+        raise unknown_key_error(f"{prefix}.{key}", [f.name for f in fields(parent)], where) from None
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", "?")
         msg = str(e).splitlines()[0]

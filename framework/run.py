@@ -18,14 +18,12 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from framework.errors import UserError, one_line
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+from framework.resources import HYDRA_CONFIG_PATH
 
 DEBUG_ENV = "APO_RL_DEBUG"
 DEBUG_HINT = f"(set {DEBUG_ENV}=1 for the full traceback)"
@@ -128,7 +126,7 @@ def user_errors() -> Iterator[None]:
         sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))  # 2; a preempted run: 75 (requeue it)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=HYDRA_CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     setup_console_logging()
     with user_errors():
@@ -139,5 +137,76 @@ def main(cfg: DictConfig) -> float | None:
     return acc[-1] if acc else None
 
 
+HELP = """\
+apo-rl: reinforcement-learning fine-tuning of a vision-language model. Composes the run's
+config from the config groups below (Hydra), checks it, and trains one run (GRPO, GRPO-D,
+APO, ...) into outputs/<date>/<time>/ (metrics, checkpoints, W&B offline run).
+
+  apo-rl algorithm=apo model=qwen2_5_vl_3b      choose an option of a group
+  apo-rl trainer.max_steps=200 seed=1           set any key
+  apo-rl experiment=view_r1_3b                  a paper's whole recipe
+  apo-rl resume=outputs/2026-12-01/10-00-00     continue a run from its newest checkpoint
+  apo-rl algorithm=apo --cfg job                print the composed config and stop
+  apo-rl -m algorithm=grpo,apo seed=0,1         Hydra multirun"""
+
+
+def cli() -> None:
+    """The ``apo-rl`` command (``python -m framework.run`` runs the same)."""
+    run_cli(main, config_name="config", prog="apo-rl", about=HELP)
+
+
+def entry_command(module: str, *args: str) -> list[str]:
+    """The command that runs the apo-rl entry point ``module`` (``framework.run``,
+    ``benchmarks.evaluate``) in a new process as ``python -m <module>`` would, except that the
+    current folder does not come first on ``sys.path``: a user's own ``framework/`` or
+    ``benchmarks/`` folder cannot replace ours (:func:`run_cli` adds it at the end)."""
+    return [sys.executable, "-c", f"import sys; sys.path.pop(0); from {module} import cli; cli()", *args]
+
+
+def run_cli(main, *, config_name: str, prog: str, about: str) -> None:
+    """Run the Hydra app ``main`` as an installed command: ``-h``/``--help`` prints ``about`` and
+    where the config groups are; the current folder goes at the *end* of ``sys.path`` (a plugin
+    module there imports with ``plugins=[my_module]``, but cannot shadow apo-rl's packages); a
+    Hydra composition error (an unknown key without ``+``, an unknown group option, a syntax
+    error) is one ``error:`` line and exit status 2, like every other config mistake."""
+    from hydra.errors import HydraException
+
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(about + "\n\n" + config_groups_help(config_name))
+        return
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    # Hydra prints its own composition errors and exits 1 unless asked to raise them; raised,
+    # they become the one-line errors below (a bug in the run keeps its whole traceback)
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except HydraException as e:
+        if debug_enabled():
+            raise
+        from framework.overrides import composition_error
+
+        report_user_error(composition_error(e, argv, config_name))
+        sys.exit(EXIT_USER_ERROR)
+
+
+def config_groups_help(config_name: str) -> str:
+    """Where the installed config groups are, their options, and how to add your own."""
+    from framework.resources import config_dir
+
+    root = config_dir()
+    lines = [f"Config groups (in {root}; `--cfg job` prints the composed config):"]
+    for group in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"  {group.name}: {', '.join(options)}")
+    lines.append(f"Primary config: {root / (config_name + '.yaml')}")
+    lines.append(
+        "Your own configs compose on top: --config-dir=<dir> with <dir>/<group>/<name>.yaml "
+        "(or hydra.searchpath=[file://<dir>]). Hydra's own flags: --hydra-help."
+    )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

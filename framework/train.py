@@ -24,8 +24,6 @@ from framework.loggers import finish_wandb, make_loggers, wandb_mode
 from framework.progress import progress_callback, use_rich_bar
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
 log = logging.getLogger(__name__)
 
 
@@ -114,14 +112,16 @@ def continue_run(cfg: DictConfig):
 
 
 def _default_config() -> DictConfig:
-    """The config composed without any override (what ``python -m framework.run`` runs)."""
-    from hydra import compose, initialize_config_dir
+    """The config composed without any override (what ``apo-rl`` runs), on the same search path
+    as the running app (a user's ``--config-dir`` included) when there is one."""
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
+
+    from framework.resources import compose_config
 
     if GlobalHydra.instance().is_initialized():
         return compose("config")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config")
+    return compose_config()
 
 
 def _launch_rank() -> int:

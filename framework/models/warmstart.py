@@ -25,13 +25,10 @@ DEFAULT_SYSTEM_PROMPT = None  # filled from the data config default (see configs
 def _default_data_cfg(kind: str) -> dict:
     from omegaconf import OmegaConf
 
-    name = "synthetic.yaml" if kind == "qwen2_5_vl" else "synthetic_text.yaml"
-    folder = Path(__file__).resolve().parents[2] / "configs" / "data"
-    cfg = OmegaConf.to_container(OmegaConf.load(folder / name), resolve=True)
-    # a Hydra defaults list (synthetic_text.yaml extends synthetic.yaml): merge the bases first
-    for base in [d for d in cfg.pop("defaults", []) if d != "_self_"]:
-        cfg = {**OmegaConf.to_container(OmegaConf.load(folder / f"{base}.yaml"), resolve=True), **cfg}
-    return cfg
+    from framework.resources import compose_config
+
+    name = "synthetic" if kind == "qwen2_5_vl" else "synthetic_text"
+    return OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True)
 
 
 def _noisy(completion: str, record: dict, rng: random.Random, p: float) -> str:
