@@ -194,5 +194,22 @@ def main(cfg: DictConfig) -> float | None:
     return result["metrics"].get("eval/accuracy")
 
 
+HELP = """\
+apo-rl-eval: evaluate a checkpoint (or any model folder / tiny:... model) on a benchmark data
+set and print the metrics the trainer logs as eval/* as JSON (greedy accuracy, format rate,
+lengths, sampled accuracy, pass@k); also written to `output` (default <run dir>/metrics.json).
+
+  apo-rl-eval checkpoint=outputs/.../checkpoints/step-000080 data=synthetic limit=100
+  apo-rl-eval checkpoint=/models/View-R1-3B model=qwen2_5_vl_3b data=mathvista device=cuda
+  apo-rl-eval -m checkpoint=... data=mathvista,mathverse,mmstar     several benchmarks"""
+
+
+def cli() -> None:
+    """The ``apo-rl-eval`` command (``python -m benchmarks.evaluate`` runs the same)."""
+    from framework.run import run_cli
+
+    run_cli(main, config_name="evaluate", prog="apo-rl-eval", about=HELP)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
