@@ -45,7 +45,8 @@ def composition_error(e: Exception, argv: list[str], config_name: str) -> Config
         for line in body.splitlines()[1:]:
             if not line.strip() or line.startswith("Config search path"):
                 break
-            options.append(line.strip())
+            if line.strip() != "base":  # the typed schema every option starts from, not a choice
+                options.append(line.strip())
         return ConfigError(f"no config '{missing.group(1)}'; options of {group}: {', '.join(options)}")
     # other composition errors (a parse error, ...): Hydra's message, one line
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]

@@ -34,13 +34,13 @@ def _section(title: str) -> str:
 
 
 def _run_commands(text: str) -> list[list[str]]:
-    """The overrides of each ``python -m framework.run`` command in the fenced bash blocks."""
+    """The overrides of each ``apo-rl`` (``python -m framework.run``) command in the fenced bash blocks."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             line = line.split("  #")[0].strip()
-            m = re.search(r"-m framework\.run(.*)$", line)
+            m = re.search(r"(?:-m framework\.run|^apo-rl(?=\s|$))(.*)$", line)
             if m:
                 args = [a for a in shlex.split(m.group(1)) if "=" in a]  # overrides only (not -m, --cfg job)
                 out.append([a for a in args if "$" not in a and not a.startswith("hydra.")])
