@@ -383,6 +383,9 @@ def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
     if not cfg.get("name"):
         raise ConfigError("algorithm.name is required; registered: " + ", ".join(ALGORITHMS.names()))
     cls = ALGORITHMS.get(cfg["name"])
+    from .hooks import check_hooks
+
+    check_hooks(cls, Algorithm)  # a plugin's hooks against the interface, before any model loads
     schema = OmegaConf.structured(cls.Config)
     try:
         merged = OmegaConf.merge(schema, cfg)
