@@ -107,9 +107,13 @@ def debug_enabled() -> bool:
 
 
 def report_user_error(e: UserError) -> None:
-    """``error: <one line>`` and the debug hint on stderr."""
-    print(f"error: {one_line(e)}", file=sys.stderr)
-    print(DEBUG_HINT, file=sys.stderr)
+    """``error: <one line>`` and the debug hint on stderr. A run stopped on purpose (preempted:
+    exit 75, Ctrl-C: 130) is no error: one ``apo-rl: <message>`` line with the resume command."""
+    if getattr(e, "exit_code", EXIT_USER_ERROR) != EXIT_USER_ERROR:
+        print(f"apo-rl: {one_line(e)}", file=sys.stderr)
+    else:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(DEBUG_HINT, file=sys.stderr)
     sys.stderr.flush()
 
 
