@@ -20,9 +20,11 @@ KL weight beta_i = schedule(step) * shaping_i, the schedule ``kl.schedule`` and 
 ``kl.sample_weight`` (none | dads | dads_exp). An override of either hook should call ``super()``
 to keep them.
 
-An algorithm yaml may start with a Hydra defaults list (``defaults: [grpo, _self_]``) and state
-only what differs from its base; :func:`build_algorithm` resolves that list the way Hydra does
-when it is given the raw yaml.
+Every algorithm yaml starts with a Hydra defaults list, ``defaults: [base, _self_]`` (``base``:
+:func:`base_config`, GRPO's options as :class:`AlgorithmConfig` defines them, registered as
+``algorithm/base``) or another algorithm yaml (``defaults: [grpo_d, _self_]``), and states only
+what differs from it; :func:`build_algorithm` resolves that list the way Hydra does when it is
+given the raw yaml.
 """
 
 import dataclasses
@@ -321,6 +323,17 @@ class Algorithm:
 
 
 # ----------------------------------------------------------------------------- factory
+BASE = "base"  # the name of the algorithm group's schema option (framework/config.py register_schemas)
+
+
+def base_config() -> dict:
+    """``algorithm/base``: every option of :class:`AlgorithmConfig` at its default (GRPO's), as
+    a plain dict without ``defaults`` (Hydra's own key in a config node)."""
+    out = OmegaConf.to_container(OmegaConf.structured(AlgorithmConfig))
+    out.pop("defaults", None)
+    return out
+
+
 def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
     node = OmegaConf.select(schema, parent) if parent else schema
@@ -332,9 +345,10 @@ def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
 # the algorithm yamls (configs/algorithm/), where a ``defaults`` entry is looked up
 def resolve_defaults(cfg: dict, config_dir: Path | None = None, _chain: tuple = ()) -> dict:
     """Resolve the Hydra defaults list of an algorithm yaml the way Hydra composes it: each
-    entry names ``<config_dir>/<entry>.yaml`` (itself resolved), merged in order, with the
-    yaml's own keys at ``_self_`` (at the end when not listed). The list is kept under
-    ``defaults`` in the result. A config without ``defaults`` is returned as it is."""
+    entry names ``<config_dir>/<entry>.yaml`` (itself resolved) or ``base`` (:func:`base_config`),
+    merged in order, with the yaml's own keys at ``_self_`` (at the end when not listed). The
+    list is kept under ``defaults`` in the result. A config without ``defaults`` is returned as
+    it is."""
     if config_dir is None:
         from framework.resources import config_dir as installed
 
@@ -353,6 +367,9 @@ def resolve_defaults(cfg: dict, config_dir: Path | None = None, _chain: tuple = 
             continue
         if not isinstance(entry, str):
             invalid_value("defaults", defaults, "a list of algorithm config names (configs/algorithm/<name>.yaml)")
+        if entry == BASE:
+            merged = OmegaConf.merge(merged, base_config())
+            continue
         path = Path(config_dir) / f"{entry}.yaml"
         if entry in _chain:
             raise ConfigError(f"algorithm.defaults: '{entry}' includes itself ({' -> '.join([*_chain, entry])})")

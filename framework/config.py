@@ -582,17 +582,30 @@ def resolve_precision(m: ModelConfig, t: TrainerConfig) -> str:
     return derived
 
 
+def base_options() -> dict[str, dict]:
+    """The ``base`` option of each typed Hydra group, as plain dicts: the dataclass defaults of
+    :data:`SECTIONS` (``model``, ``rollout``, ``optim``, ``trainer``, ``logger``, ``data``) and,
+    for ``algorithm``, GRPO's ``Config`` (``algorithms.base.AlgorithmConfig``, the GRPO family's
+    common options; an algorithm YAML adds its own keys on top of it)."""
+    from algorithms.base import base_config
+
+    out = {group: OmegaConf.to_container(OmegaConf.structured(schema)) for group, schema in SECTIONS.items()}
+    out["algorithm"] = base_config()
+    return out
+
+
 def register_schemas() -> None:
     """Each typed section's dataclass defaults become the ``base`` option of its Hydra group
-    (``model/base``, ``rollout/base``, ``optim/base``, ``trainer/base``, ``logger/base``); the
-    YAML files of a group start from it (``defaults: [base, _self_]``) and state only what they
-    change, so every default lives in one place: the dataclasses above. Stored as plain
-    dicts: the types and ranges are checked by :func:`validate_run_config` with one-line errors."""
+    (``model/base``, ``rollout/base``, ``optim/base``, ``trainer/base``, ``logger/base``,
+    ``data/base``, ``algorithm/base``: :func:`base_options`); the YAML files of a group start
+    from it (``defaults: [base, _self_]``) and state only what they change, so every default
+    lives in one place: the dataclasses. Stored as plain dicts: the types and ranges are checked
+    by :func:`validate_run_config` with one-line errors."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for group, schema in SECTIONS.items():
-        cs.store(group=group, name="base", node=OmegaConf.to_container(OmegaConf.structured(schema)))
+    for group, node in base_options().items():
+        cs.store(group=group, name="base", node=node)
 
 
 register_schemas()  # on import: framework.run, benchmarks and the tests compose after importing this
