@@ -225,7 +225,8 @@ class TrainerConfig:
     eval_batch_size: int = 100
     eval_pass_k: int = 1  # k of eval/pass@k (sampled at the rollout temperature)
     eval_samples: Optional[int] = None  # n samples per prompt for pass@k / accuracy_sampled (null: = k)
-    save_every: int = 0  # RL steps between checkpoints (0: only at the end)
+    save_every: int = 10  # RL steps between checkpoints (0: only at the end, which is always written)
+    keep_last: int = 2  # checkpoints kept: the newest keep_last (the final one always; 0: all)
     log_every: int = 1
     log_completions_every: int = 10  # sample table to W&B every N steps (0: off)
     on_nonfinite: str = "error"  # error | skip
@@ -259,7 +260,7 @@ class TrainerConfig:
             "num_nodes",
         ):
             _positive(f"{p}.{k}", getattr(self, k))
-        for k in ("eval_every", "save_every", "log_completions_every", "num_workers"):
+        for k in ("eval_every", "save_every", "keep_last", "log_completions_every", "num_workers"):
             _positive(f"{p}.{k}", getattr(self, k), zero_ok=True)
         _choice(f"{p}.on_nonfinite", self.on_nonfinite, {"error", "skip"})
         if self.eval_samples is not None and self.eval_samples < self.eval_pass_k:

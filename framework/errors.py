@@ -46,6 +46,13 @@ class Preempted(UserError):
     exit_code = 75  # EX_TEMPFAIL: a temporary failure, try again
 
 
+class Interrupted(Preempted):
+    """The run was stopped by Ctrl-C (SIGINT) after writing a checkpoint of its last completed
+    step; ``resume=<run folder>`` continues it. Exit status 130, as a shell reports a Ctrl-C."""
+
+    exit_code = 130
+
+
 class NonFiniteError(UserError, FloatingPointError):
     """A non-finite loss or gradient; names the RL step, the optimizer step and the quantity."""
 

@@ -184,8 +184,16 @@ def run_cli(main, *, config_name: str, prog: str, about: str) -> None:
     # Hydra prints its own composition errors and exits 1 unless asked to raise them; raised,
     # they become the one-line errors below (a bug in the run keeps its whole traceback)
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from framework.config_guard import install
+
+    install()  # a config file cannot run code (Hydra callbacks, _target_): checked before Hydra uses it
     try:
         main()
+    except UserError as e:  # raised while Hydra composes (framework.config_guard), before main's own handling
+        if debug_enabled():
+            raise
+        report_user_error(e)
+        sys.exit(EXIT_USER_ERROR)
     except HydraException as e:
         if debug_enabled():
             raise

@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework.config import ConfigError, canonical_dtype, check_machine, validate_run_config
-from framework.errors import Preempted
 from framework.loggers import finish_wandb, make_loggers, wandb_mode
 from framework.progress import progress_callback, use_rich_bar
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
@@ -96,17 +95,33 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
 
 def continue_run(cfg: DictConfig):
     """``resume=`` continues the stored run (framework/checkpoint.py :func:`resume_config`): its
-    config, its output folder, its W&B run; overrides are checked against what may change on
-    resume. Returns the config to run and the checkpoint's :class:`RunInfo` (None: a new run)."""
-    from framework.checkpoint import explicit_overrides, resume_config
+    config, its W&B run, written into the folder the user names (``output_dir=`` /
+    ``hydra.run.dir=``) or else the run folder that holds the checkpoint; overrides are checked
+    against what may change on resume. Returns the config to run and the checkpoint's
+    :class:`RunInfo` (None: a new run; ``complete``: the run has nothing left to train)."""
+    from framework.checkpoint import explicit_overrides, named_run_dir, resume_config
 
     if not cfg.get("resume"):
         return cfg, None
     from hydra.core.hydra_config import HydraConfig
 
-    hydra_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-    explicit = explicit_overrides(cfg, _default_config(), hydra_overrides)
+    hydra_overrides, named = None, None
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        hydra_overrides = list(hc.overrides.task)  # Hydra keeps hydra.* out of these
+        named = named_run_dir(list(hc.overrides.hydra), hc.runtime.output_dir)
+    explicit = explicit_overrides(cfg, _default_config(), hydra_overrides, named)
     merged, info, d = resume_config(cfg, explicit)
+    if info is not None and info.complete:
+        log.info(
+            "apo-rl: the run in %s is complete: checkpoint %s is its final RL step (%d); nothing to train "
+            "(a larger trainer.max_steps extends it)",
+            merged.output_dir,
+            d,
+            info.rl_step,
+        )
+        info.checkpoint = d
+        return merged, info
     log.info("apo-rl: resuming %s (RL step %s) into %s", d, info.rl_step if info else "?", merged.output_dir)
     return merged, info
 
@@ -185,7 +200,7 @@ def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
 def train(cfg: DictConfig) -> RunResult:
     import lightning as L
 
-    from framework.checkpoint import RLCheckpoint, plain, resolve_resume
+    from framework.checkpoint import RLCheckpoint, StopTraining, plain, resolve_resume
     from framework.data import REPORT_NAME, control_token_list, prepare_data, to_record
     from framework.distributed import make_strategy
     from framework.models.loading import DTYPES, load_model, load_model_bundle, resolve_path
@@ -193,6 +208,8 @@ def train(cfg: DictConfig) -> RunResult:
     from framework.rollout.inputs import encode_prompts
 
     cfg, info = continue_run(cfg)  # resume=: the stored run's config, before anything else
+    if info is not None and info.complete:  # its final checkpoint: a finished run, nothing to do
+        return RunResult(output_dir=Path(info.output_dir), history=[], final_checkpoint=info.checkpoint)
     early = check_early(cfg)
     s = early["sections"]
     algorithm, rewards = early["algorithm"], early["rewards"]
@@ -320,6 +337,8 @@ def train(cfg: DictConfig) -> RunResult:
         run_config=run_config,
         wandb_id=wandb_id,
         export_merged=m.lora.enabled and m.lora.export_merged,
+        keep_last=t.keep_last,
+        max_steps=t.max_steps,
     )
     trainer = L.Trainer(
         max_steps=t.max_steps * module.updates_per_step,
@@ -345,14 +364,15 @@ def train(cfg: DictConfig) -> RunResult:
     try:
         # weights_only: a checkpoint holds tensors and plain containers, never code to run
         trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+    except StopTraining:  # a signal abandoned an evaluation or a rollout: the last step is saved
+        pass
     finally:
         rewards.close()
         finish_wandb(trainer.loggers)  # the W&B run ends with the training (a next train() starts its own)
-    if getattr(ckpt_cb, "preempted_by", None):
-        raise Preempted(
-            f"preempted by {ckpt_cb.preempted_by} after RL step {module.rl_step}: checkpoint {ckpt_cb.last}; "
-            f"continue with resume={out}"
-        )
+        ckpt_cb.restore_signals()  # a signal until here leaves a run whose final checkpoint is written complete
+    stopped = ckpt_cb.stop_error(module.rl_step, out)  # SIGTERM/SIGUSR1: Preempted (75); Ctrl-C: Interrupted (130)
+    if stopped is not None:
+        raise stopped
     if trainer.global_rank == 0:
         log.info(
             f"apo-rl: done. metrics: {out / 'csv' / 'metrics.csv'}; checkpoints: {out / 'checkpoints'}"

@@ -7,6 +7,7 @@ or truncated checkpoint is never taken."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,9 +128,16 @@ def test_resume_never_takes_a_half_written_checkpoint(tmp_path):
     _fake_checkpoint(ck / "step-000006", complete=False)  # no marker: an interrupted older writer
     _fake_checkpoint(ck / "step-000008", complete=True)
     (ck / "step-000008" / "state.ckpt").write_bytes(b"x" * 10)  # truncated after the marker was written
+    # the newest is damaged (changed after it was written): one error naming the file and the
+    # next complete checkpoint (never a silent fall-back); the interrupted ones are skipped
+    for resume in (tmp_path / "run", ck / "step-000008"):
+        with pytest.raises(ConfigError, match=r"state.ckpt has 10 bytes, 100 when it was written") as e:
+            find_checkpoint(resume)
+        assert str(e.value).endswith(f"resume from the next complete checkpoint: resume={ck / 'step-000002'}")
+    (ck / "step-000008" / "state.ckpt").write_bytes(b"x" * 100)  # put back as written
+    assert find_checkpoint(tmp_path / "run") == ck / "step-000008"
+    shutil.rmtree(ck / "step-000008")
     assert find_checkpoint(tmp_path / "run") == ck / "step-000002"
-    with pytest.raises(ConfigError, match=r"state.ckpt has 10 bytes, 100 when it was written"):
-        find_checkpoint(ck / "step-000008")
     with pytest.raises(ConfigError, match=r"incomplete: it has no COMPLETE.json"):
         find_checkpoint(ck / "step-000006" / "state.ckpt")
     empty = tmp_path / "other" / "checkpoints" / "step-000002"
