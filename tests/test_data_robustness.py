@@ -111,7 +111,7 @@ def test_fifo_image_is_refused_without_hanging(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 def test_dev_zero_image_is_refused_unread(tmp_path):
-    os.symlink("/dev/zero", tmp_path / "zero.png")  # a link inside the data folder: followed, then refused
+    os.symlink("/dev/zero", tmp_path / "zero.png")  # a link inside the data folder to a file outside it
     f = write_lines(
         tmp_path / "train.jsonl",
         [good("ok"), good("abs", images=["/dev/zero"]), good("link", images=["zero.png"])],
@@ -120,10 +120,11 @@ def test_dev_zero_image_is_refused_unread(tmp_path):
     got = by_id(rep)
     assert kept["id"] == ["ok"] and set(got) == {"abs", "link"}
     assert got["abs"][0]["line"] == 2 and "is absolute" in got["abs"][0]["problem"]
-    assert got["link"][0]["line"] == 3 and "character device" in got["link"][0]["problem"]
-    # allowed absolute paths are still opened only as regular files
+    assert got["link"][0]["line"] == 3 and "symbolic link (or lies under one) to /dev/zero" in got["link"][0]["problem"]
+    # allowed absolute paths (and links out) are still opened only as regular files
     _, rep = within(20, check, f, allow_absolute_paths=True)
     assert "character device" in by_id(rep)["abs"][0]["problem"]
+    assert "character device" in by_id(rep)["link"][0]["problem"]
 
 
 def test_image_file_size_limit(tmp_path):

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ from framework.registry import TASKS
 from .schema import (
     COLUMNS,
     DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_RECORD_BYTES,
     FEATURES,
     SOURCE_KEY,
     cfg_get,
@@ -92,8 +94,8 @@ def prepare_data(
 ) -> tuple[DatasetDict, dict[str, ValidationReport]]:
     """``load_data`` then every record of every split (or of ``splits``) checked with the
     generic data options (``max_prompt_tokens``, ``on_invalid``, ``max_image_bytes``,
-    ``control_tokens``); ``special_tokens``: the tokenizer's control tokens
-    (:func:`~framework.data.validation.control_token_list`). With ``report_path`` (the run's
+    ``max_image_pixels``, ``max_record_bytes``, ``control_tokens``); ``special_tokens``: the
+    tokenizer's control tokens (:func:`~framework.data.validation.control_token_list`). With ``report_path`` (the run's
     ``data_report.jsonl``) every problem of every split is written there before anything is
     skipped or raised (a file-level error too); the console summaries name the file."""
     try:
@@ -117,6 +119,8 @@ def prepare_data(
             max_image_bytes=int(cfg_get(cfg, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
             control_tokens=str(cfg_get(cfg, "control_tokens", "error")),
             special_tokens=special_tokens,
+            max_record_bytes=int(cfg_get(cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES)),
+            max_image_pixels=int(cfg_get(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
         )
     reports = {split: rep for split, (_, rep) in checked.items()}
     if report_path is not None:
@@ -339,8 +343,9 @@ def _safe_path(
 ) -> str | None:
     """The path of image ``j`` resolved against ``base_dir`` (the data file's folder), or None
     and a problem: a path that lies outside the data folder ``root_dir`` (default ``base_dir``),
-    absolute or through ``..``, is refused unless ``data.allow_absolute_paths=true``. The check
-    is on the path as written (normalised); links inside the data folder are followed."""
+    absolute or through ``..``, or through a symbolic link whose target lies outside it, is
+    refused unless ``data.allow_absolute_paths=true``. The check is on the path as written
+    (normalised) and on the file it resolves to (links followed)."""
     raw = _unicode_ok(f"image {j} path", str(path), problems)
     if not raw:
         return None
@@ -359,8 +364,17 @@ def _safe_path(
         )
         return None
     full = Path(os.path.normpath(str(full)))
-    if allow_absolute_paths or (root is not None and _inside(full, root)):
+    if allow_absolute_paths:
         return str(full)
+    if root is not None and _inside(full, root):
+        real = os.path.realpath(full)
+        if _inside(Path(real), Path(os.path.realpath(root))):
+            return str(full)
+        problems.append(
+            f"image {j} path {raw!r} is a symbolic link (or lies under one) to {real}, outside the data folder "
+            f"{root}; image paths must stay inside the data folder{allow}"
+        )
+        return None
     where = f"the data folder {root}" if root is not None else "a data folder"
     why = "is absolute" if p.is_absolute() else "leads out of the data folder"
     problems.append(f"image {j} path {raw!r} {why}; image paths must be relative to {where}{allow}")
@@ -617,17 +631,48 @@ def _utf8_problem(raw: bytes, e: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the file as UTF-8"
 
 
-def _read_rows(path: Path) -> list[tuple[dict, Any]]:
+def _bounded_lines(f, limit: int | None) -> Iterator[tuple[bytes | None, int]]:
+    """``(line, size)`` for each line of binary file ``f``; a line of more than ``limit`` bytes
+    is ``(None, size)``: it is skipped in pieces and never held in memory whole."""
+    while True:
+        raw = f.readline() if limit is None else f.readline(limit + 1)
+        if not raw:
+            return
+        if limit is None or len(raw) <= limit or (len(raw) == limit + 1 and raw.endswith(b"\n")):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
+            if not raw:
+                break
+            size += len(raw)
+        yield None, size - raw.endswith(b"\n")  # the line's bytes, without its line break
+
+
+def _read_rows(path: Path, max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES) -> list[tuple[dict, Any]]:
     """``(location, value)`` per record of a .jsonl (``{"file", "line"}``, 1-based, blank lines
     skipped) or .json file (``{"file", "row"}``, 0-based). A line that is not UTF-8 or not
-    JSON becomes an :class:`_Unreadable`; a .json file that cannot be read at all raises
+    JSON, or longer than ``max_record_bytes`` (not read whole: ``data.max_record_bytes``),
+    becomes an :class:`_Unreadable`; a .json file that cannot be read at all raises
     :class:`DataError` naming the file and the line."""
     file = str(path)
     if path.suffix == ".jsonl":
         rows = []
         with open(path, "rb") as f:
-            for ln, raw in enumerate(f, 1):
+            for ln, (raw, size) in enumerate(_bounded_lines(f, max_record_bytes), 1):
                 loc = {"file": file, "line": ln}
+                if raw is None:
+                    rows.append(
+                        (
+                            loc,
+                            _Unreadable(
+                                f"the line has {size:,} bytes > data.max_record_bytes={max_record_bytes:,} (raise it to "
+                                "allow longer records; inline base64 images count: store large images as files)"
+                            ),
+                        )
+                    )
+                    continue
                 if ln == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw = raw[len(codecs.BOM_UTF8) :]
                 try:
@@ -689,7 +734,9 @@ def _load_file(path: Path, split: str, cfg: Any, root: Path | None = None) -> Da
             raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from e
         return _from_dataset(ds, f"{path}", **kw)
     if path.suffix in (".jsonl", ".json"):
-        return _from_rows(_read_rows(path), f"{path}", **kw)
+        return _from_rows(
+            _read_rows(path, int(cfg_get(cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES))), f"{path}", **kw
+        )
     raise DataError(f"unsupported data file {path}; use one of {DATA_EXTS}")
 
 

@@ -19,16 +19,20 @@ import io
 import json
 import os
 import stat
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import datasets
 from datasets import Features, Image, List, Value
 
+from framework.config import DataConfig
 from framework.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
-DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # data.max_image_bytes: larger image files are refused unread
+DEFAULT_MAX_IMAGE_BYTES = DataConfig.max_image_bytes  # data.max_image_bytes: larger image files are refused unread
+DEFAULT_MAX_IMAGE_PIXELS = DataConfig.max_image_pixels  # data.max_image_pixels: larger images are refused undecoded
+DEFAULT_MAX_RECORD_BYTES = DataConfig.max_record_bytes  # data.max_record_bytes: longer records are refused unread
 # reserved metadata key set by the loaders: where the record came from ({"file", "line"} or
 # {"file", "row"}) and the problems found while reading it ({"problems": [...]}); validation
 # reports them, :func:`to_record` drops the key
@@ -106,13 +110,21 @@ def _file_kind(mode: int) -> str:
     return "not a plain file"
 
 
-def decode_image(value: Any, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES):
+def decode_image(
+    value: Any,
+    max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+):
     """A PIL image (RGB) from a decoded image, ``{"bytes", "path"}`` dict, bytes or path.
 
     A path is read with :func:`read_image_file` (regular files of at most ``max_bytes``
-    only). Raises ``FileNotFoundError`` / ``PIL.UnidentifiedImageError`` / ``OSError`` on bad
-    input and :class:`~framework.errors.DataError` (a ``ValueError``) when there is nothing to
-    decode or the file is refused."""
+    only). An encoded image of more than ``max_pixels`` pixels (width x height, from its header)
+    is refused before it is decoded; a truncated file is an error, never an image completed with
+    black rows (PIL's ``LOAD_TRUNCATED_IMAGES`` is ignored, and a PNG whose image data ends early
+    is caught: :func:`png_rows_missing`). Raises ``FileNotFoundError`` /
+    ``PIL.UnidentifiedImageError`` / ``OSError`` on bad input and
+    :class:`~framework.errors.DataError` (a ``ValueError``) when there is nothing to decode or the
+    file is refused."""
     import PIL.Image
 
     if isinstance(value, PIL.Image.Image):
@@ -131,15 +143,89 @@ def decode_image(value: Any, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES):
         if data is not None:
             if max_bytes is not None and len(data) > max_bytes:
                 raise DataError(f"image has {len(data):,} bytes > data.max_image_bytes={max_bytes:,}")
-            im = PIL.Image.open(io.BytesIO(data))
         elif path is not None:
-            im = PIL.Image.open(io.BytesIO(read_image_file(path, max_bytes)))  # FileNotFoundError names the path
+            data = read_image_file(path, max_bytes)  # FileNotFoundError names the path
         else:
             raise DataError("image is missing (no path or bytes)")
-        im.load()
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: max_pixels is the limit here
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            im = PIL.Image.open(io.BytesIO(data))  # reads the header only
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise DataError(
+                f"image has {w:,}x{h:,} = {w * h:,} pixels > data.max_image_pixels={max_pixels:,} "
+                "(raise it to allow larger images)"
+            )
+        _load_whole(im, bytes(data))
     if im.mode != "RGB":
         im = im.convert("RGB")
     return im
+
+
+def _load_whole(im, data: bytes) -> None:
+    """Decode ``im`` (opened from ``data``); a truncated file raises ``OSError`` whatever
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says (a plugin or a library may have set it)."""
+    from PIL import ImageFile
+
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        im.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+    if im.format == "PNG":
+        missing = png_rows_missing(data)
+        if missing:
+            raise OSError(f"image file is truncated: {missing}")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_rows_missing(data: bytes) -> str | None:
+    """What is missing when the image data (IDAT) of PNG ``data`` decompresses to fewer bytes
+    than its header's size needs (``"its image data holds 32 of 64 rows"``), else None. PIL
+    decodes such a file without a word and leaves the missing rows black. The data are
+    decompressed in bounded pieces and only counted."""
+    import struct
+    import zlib
+
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, header, got, need = len(_PNG_SIGNATURE), None, 0, 0
+    z = zlib.decompressobj()
+    try:
+        while pos + 8 <= len(data):
+            n = int.from_bytes(data[pos : pos + 4], "big")
+            kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+            pos += 12 + n
+            if kind == b"IHDR" and len(body) >= 13:
+                w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body[:13])
+                bits = depth * _PNG_CHANNELS.get(colour, 4)
+                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+                for x0, y0, dx, dy in passes:
+                    pw, ph = (w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy
+                    if pw and ph:
+                        need += ph * (1 + (pw * bits + 7) // 8)
+                header = (w, h, 1 + (w * bits + 7) // 8, interlace)
+            elif kind == b"IDAT":
+                while body and got <= need and not z.eof:
+                    got += len(z.decompress(body, 1 << 20))
+                    body = z.unconsumed_tail
+            elif kind == b"IEND":
+                break
+        if not z.eof:
+            got += len(z.flush())
+    except zlib.error:
+        return None  # damaged compressed data: PIL's own decoder reports it
+    if header is None or got >= need:
+        return None
+    w, h, row, interlace = header
+    if interlace:
+        return f"its interlaced image data holds {got:,} of the {need:,} bytes of a {w}x{h} image"
+    return f"its image data holds {got // row} of {h} rows"
 
 
 def decode_metadata(value: Any) -> dict:

@@ -4,8 +4,10 @@ Checks: the problems the loaders recorded (a line that is not a JSON object, not
 JSON, a value of the wrong type, an image path outside the data folder: see
 ``framework/data/loading.py``), every image present and decodable (datasets' Image() decodes
 lazily, so each image is decoded here; image files are read only when they are regular files
-of at most ``max_image_bytes``), ``<image>`` placeholder count (when > 0) equal to the number
-of images, non-empty question and answer, a gold letter that names one of the choices, unique
+of at most ``max_image_bytes``, and an image of more than ``max_image_pixels`` pixels is refused
+before it is decoded, a truncated one is unreadable), a record's text (everything but its
+images) of at most ``max_record_bytes`` bytes, checked before anything else reads it,
+``<image>`` placeholder count (when > 0) equal to the number of images, non-empty question and answer, a gold letter that names one of the choices, unique
 ids, no control token of the chat template (``<|im_end|>``, ``<|image_pad|>``, ...) in the
 record's text (refused, or escaped with ``control_tokens="escape"``), and (with a
 ``count_prompt_tokens`` callback from the trainer's processor) a prompt no longer than
@@ -30,7 +32,15 @@ from datasets import Dataset
 
 from framework.errors import ConfigError, DataError
 
-from .schema import DEFAULT_MAX_IMAGE_BYTES, IMAGE_PLACEHOLDER, choice_letters, decode_image, split_metadata
+from .schema import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_RECORD_BYTES,
+    IMAGE_PLACEHOLDER,
+    choice_letters,
+    decode_image,
+    split_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +191,20 @@ def check_record(
     max_prompt_tokens: int | None = None,
     max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
     control_pattern: re.Pattern | None = None,
+    max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[str]:
     """Problems of one raw row (images as ``{"bytes", "path"}`` dicts or PIL images)."""
     meta, source = split_metadata(row.get("metadata"))
     problems: list[str] = [str(p) for p in source.get("problems") or []]
     if source.get("unreadable"):  # not a record at all (a JSON list, bad bytes): nothing else to check
         return problems
+    size = text_bytes(row)
+    if max_record_bytes is not None and size > max_record_bytes:  # nothing reads (tokenizes) it further
+        return [
+            *problems,
+            f"the record has {size:,} bytes of text > data.max_record_bytes={max_record_bytes:,} (raise it to allow longer records)",
+        ]
     load_problems = bool(problems)  # then its images are not opened (a refused path is not stored anyway)
     flagged = {p.split(" ", 1)[0] for p in problems}  # fields with a wrong value: not "empty" on top
     images = row.get("images") or []
@@ -201,10 +219,10 @@ def check_record(
         if load_problems:
             continue
         try:
-            decoded.append(decode_image(im, max_image_bytes))
+            decoded.append(decode_image(im, max_image_bytes, max_image_pixels))
         except FileNotFoundError:
             problems.append(f"image {j} missing (file not found: {path})")
-        except DataError as e:  # not a regular file, too large
+        except DataError as e:  # not a regular file, too large, too many pixels
             problems.append(f"image {j} refused ({e})")
         except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), DecompressionBombError, ...
             problems.append(f"image {j} unreadable ({_short(e)})")
@@ -249,13 +267,23 @@ def check_record(
     return problems
 
 
-def _check_options(on_invalid: str, control_tokens: str, max_image_bytes: int | None) -> None:
+def text_bytes(row: Mapping[str, Any]) -> int:
+    """The UTF-8 size of a row's text: question, answer, choices and metadata (not its images)."""
+    n = 0
+    for v in (row.get("question"), row.get("answer"), row.get("metadata"), *(row.get("choices") or [])):
+        if isinstance(v, str):
+            n += len(v.encode("utf-8", "surrogatepass"))
+    return n
+
+
+def _check_options(on_invalid: str, control_tokens: str, max_image_bytes: int | None, **limits: int | None) -> None:
     if on_invalid not in ON_INVALID:
         raise ConfigError(f"data.on_invalid must be 'skip' or 'error', not {on_invalid!r}")
     if control_tokens not in CONTROL_TOKEN_MODES:
         raise ConfigError(f"data.control_tokens must be 'error' or 'escape', not {control_tokens!r}")
-    if max_image_bytes is not None and (isinstance(max_image_bytes, bool) or int(max_image_bytes) <= 0):
-        raise ConfigError(f"data.max_image_bytes={max_image_bytes!r} must be > 0")
+    for key, value in {"max_image_bytes": max_image_bytes, **limits}.items():
+        if value is not None and (isinstance(value, bool) or int(value) <= 0):
+            raise ConfigError(f"data.{key}={value!r} must be > 0")
 
 
 def _escape(ds: Dataset, pattern: re.Pattern) -> tuple[Dataset, int]:
@@ -298,11 +326,19 @@ def check_split(
     max_image_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES,
     control_tokens: str = "error",
     special_tokens: Iterable[str] | None = None,
+    max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[Dataset, ValidationReport]:
     """Every problem of every record of ``ds``, nothing dropped or raised yet (see
     :func:`apply_policy`). Returns ``ds`` (with its control tokens escaped under
     ``control_tokens="escape"``) and the report."""
-    _check_options(on_invalid, control_tokens, max_image_bytes)
+    _check_options(
+        on_invalid,
+        control_tokens,
+        max_image_bytes,
+        max_record_bytes=max_record_bytes,
+        max_image_pixels=max_image_pixels,
+    )
     pattern = control_token_pattern(special_tokens)
     escaped = 0
     if control_tokens == "escape":
@@ -322,6 +358,8 @@ def check_split(
                 max_prompt_tokens=max_prompt_tokens,
                 max_image_bytes=max_image_bytes,
                 control_pattern=pattern if control_tokens == "error" else None,
+                max_record_bytes=max_record_bytes,
+                max_image_pixels=max_image_pixels,
             )
             rid = str(row.get("id", ""))
             _, source = split_metadata(row.get("metadata"))
@@ -403,6 +441,8 @@ def validate_records(
     control_tokens: str = "error",
     special_tokens: Iterable[str] | None = None,
     report_path: str | Path | None = None,
+    max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[Dataset, ValidationReport]:
     """Check every record of ``ds``. ``skip``: returns the valid records and a report of
     the others (its summary is logged as a warning); ``error``: raises :class:`DataError`
@@ -418,6 +458,8 @@ def validate_records(
         max_image_bytes=max_image_bytes,
         control_tokens=control_tokens,
         special_tokens=special_tokens,
+        max_record_bytes=max_record_bytes,
+        max_image_pixels=max_image_pixels,
     )
     if report_path is not None:
         write_report(report_path, [report])
