@@ -10,7 +10,7 @@ the same 64 synthetic "how many shapes" image prompts, 4 prompts x G = 8 complet
 advantages, clip 0.2) with beta = 0.04 and the k3 KL against a frozen reference model, fp32,
 AdamW at lr 1e-5 (constant, no weight decay), gradient clipping at 1.0, one optimizer step
 per rollout over all 32 completions, the same reward plugins (accuracy + format, the project's
-:class:`rewards.base.RewardSet`), no evaluation, no checkpoints.
+:class:`rewards.RewardSet`), no evaluation, no checkpoints.
 
 Every run is a fresh process (``--worker ours|trl``); the runs alternate between the two
 frameworks so that a change in the machine's load hits both. A step's wall time is the time
@@ -300,7 +300,7 @@ def run_trl(w: Workload, output_dir: str) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from framework.models.loading import load_model_bundle, resolve_path
-    from rewards.base import RewardSet
+    from rewards import RewardSet
 
     cfg = compose_ours(w, output_dir)  # the data, the reward plugins and the model of the same workload
     path = resolve_path(w.model)

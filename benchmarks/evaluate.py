@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from framework.models.lora import adapter_base, is_adapter_folder, load_adapted
     from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
     from framework.rollout.inputs import encode_prompts
-    from rewards.base import RewardSet
+    from rewards import RewardSet
 
     import_plugins(cfg.get("plugins") or [])
     rollout = check_section(OmegaConf.to_container(cfg.rollout, resolve=True), RolloutConfig, "rollout")

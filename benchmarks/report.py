@@ -166,7 +166,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def reward_weights(cfg: dict | None) -> dict[str, float] | None:
-    """``{component: weight}`` of the run's total reward, as :class:`rewards.base.RewardSet`
+    """``{component: weight}`` of the run's total reward, as :class:`rewards.RewardSet`
     builds it (weight 1.0 when unset; the correctness plugin with weight 0 when not a component)."""
     if not cfg or not isinstance(cfg.get("reward"), dict):
         return None

@@ -589,9 +589,11 @@ def base_options() -> dict[str, dict]:
     for ``algorithm``, GRPO's ``Config`` (``algorithms.base.AlgorithmConfig``, the GRPO family's
     common options; an algorithm YAML adds its own keys on top of it)."""
     from algorithms.base import base_config
+    from rewards.config import RewardConfig  # the reward section's schema lives with the rewards
 
     out = {group: OmegaConf.to_container(OmegaConf.structured(schema)) for group, schema in SECTIONS.items()}
     out["algorithm"] = base_config()
+    out["reward"] = OmegaConf.to_container(OmegaConf.structured(RewardConfig))
     return out
 
 

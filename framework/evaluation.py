@@ -17,7 +17,7 @@ For each batch of records the :class:`Evaluator` generates
 ``k`` is ``trainer.eval_pass_k`` (default 1) and ``n`` is ``trainer.eval_samples`` (default
 ``k``), so the default costs one sampled completion per prompt, as before.
 
-Correctness comes from the run's :class:`rewards.base.RewardSet` (its ``correctness``
+Correctness comes from the run's :class:`rewards.RewardSet` (its ``correctness``
 plugin), exactly as during training. Every metric is a torchmetrics ``MeanMetric``.
 """
 
@@ -109,7 +109,7 @@ class Evaluator:
 
     ``engine.generate(prompt_batch, n, SamplingParams)`` returns ``n`` completions per prompt
     (sample-major: p0, p0, ..., p1, ...); ``bundle`` is the model bundle (tokenizer, processor);
-    ``rewards`` a :class:`rewards.base.RewardSet`; ``data_cfg`` supplies ``system_prompt`` and
+    ``rewards`` a :class:`rewards.RewardSet`; ``data_cfg`` supplies ``system_prompt`` and
     ``question_template``.
     """
 

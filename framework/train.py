@@ -70,7 +70,7 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     import_plugins(cfg.get("plugins") or [])
     sections = validate_run_config(cfg)
     from algorithms.base import build_algorithm
-    from rewards.base import RewardSet
+    from rewards import RewardSet
 
     t = sections["trainer"]
     check_machine(t)

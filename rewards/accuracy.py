@@ -110,14 +110,14 @@ class AccuracyReward(Reward):
 
         gold_fail = 0
         for i, out in zip(where, outs):
-            status = out.get("status")
+            status = out["status"]
             if status == "ok":
-                res.scores[i] = float(out.get("score", 0.0))
-                gold_fail += not out.get("gold_ok", True)
+                res.scores[i] = float(out["score"])
+                gold_fail += not out["gold_ok"]
             elif status == "timeout":
                 res.add_timeout(f"math-verify timed out after {self.timeout_s:g}s ({record_name(records[i])})")
             else:
-                res.add_failure(f"{out.get('error', 'unknown error')} ({record_name(records[i])})")
+                res.add_failure(f"{out['error']} ({record_name(records[i])})")
         res.stats = {"gold_parse_failures": float(gold_fail), "missing_answer": float(missing)}
         return res
 

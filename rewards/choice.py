@@ -84,7 +84,7 @@ def extract_choice_letter(text: str | None, num_choices: int | None = None) -> s
             continue
         # "A cat", "I think": a word, not a choice
         as_word = letter in "AI" and re.match(r"\s+[a-z]", t[m.end() :]) is not None
-        found[letter] = found.get(letter, False) or not as_word
+        found[letter] = (letter in found and found[letter]) or not as_word
     if len(found) == 1:
         letter, ok = next(iter(found.items()))
         return letter if ok else None

@@ -1,19 +1,23 @@
-"""A reward plugin run in worker processes under a per-call time limit: :class:`IsolatedReward`.
+"""A reward plugin run in worker processes under a per-task time limit: :class:`IsolatedReward`.
 
-:class:`rewards.base.RewardSet` wraps every plugin that is not one of the project's own
-built-ins (and any component with ``isolate: true``) in an :class:`IsolatedReward`. The
-plugin runs in a :class:`rewards.workers.WorkerPool`: each worker is a fresh process of the
-same Python with the trainer's ``sys.path``; it imports the plugin's class by reference
-(``"module:qualname"``), builds it with the component's parameters and serves requests of
-``batch_size`` completions (1 by default: each completion is one call of the plugin, under
-``timeout_s``). Each distinct record is sent to a worker once per batch.
+:class:`rewards.RewardSet` wraps every plugin that is not one of the project's own built-ins
+(and any component with ``isolate: true``) in an :class:`IsolatedReward`. The plugin runs in a
+:class:`rewards.pool.WorkerPool` (pebble's process pool, started with ``spawn``: the trainer's
+``sys.path``): each worker imports the plugin's class by reference (``"module:qualname"``),
+builds it once with the component's parameters and serves tasks of ``batch_size``
+completions. ``batch_size`` is automatic by default: 1 for a plugin that scores one completion
+(:meth:`Reward.score`: each completion is one task under ``timeout_s``), the whole batch for a
+batch-aware plugin (one that overrides ``__call__``: a group-relative reward must see its
+group; ``timeout_s`` then bounds the whole batch).
 
-Per completion, whatever the plugin does: a hang (past ``timeout_s``: interrupted, or its
-worker killed after a grace period), an exception, ``SystemExit``, a crash of the process
-(segfault, ``os._exit``) or a return value that is not a real number scores 0.0 and counts
-in ``timeouts`` or ``failures`` with its message; a lost worker is replaced
-(``stats["worker_restarts"]``). Workers that cannot start at all (the module does not
-import there, the constructor raises) raise :class:`RewardFailure` (a user error).
+Per task, whatever the plugin does: a hang (past ``timeout_s``: interrupted, or its worker
+killed after a grace period), an exception, ``SystemExit``, a crash of the process (segfault,
+``os._exit``), an allocation past the worker's memory limit or a return value that is not a
+real number scores 0.0 and counts in ``timeouts`` or ``failures`` with its message; a lost
+worker is replaced (``stats["worker_restarts"]``) and its children are killed with it. What
+the plugin prints goes to the trainer's stderr, at most ``max_output_kb`` per call (the rest
+dropped with a note). Workers that cannot start at all (the module does not import there, the
+constructor raises) raise a ConfigError at start, :class:`RewardFailure` later.
 """
 
 from __future__ import annotations
@@ -21,44 +25,17 @@ from __future__ import annotations
 import inspect
 import logging
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from framework.errors import ConfigError
 
 from .base import MAX_ERRORS, Reward, RewardFailure, RewardResult, _check_lengths, check_result, record_name
-from .workers import PoolClosed, WorkerPool, WorkerStartError, resolve
+from .config import IsolationConfig
+from .pool import WorkerPool, WorkerStartError, memory_limit_note, resolve
 
 log = logging.getLogger(__name__)
-
-ISOLATION_DEFAULTS: dict[str, Any] = {"timeout_s": 10.0, "workers": 2, "batch_size": 1, "start_timeout_s": 120.0}
-
-
-def isolation_options(where: str, value: Mapping[str, Any] | None, base: Mapping[str, Any] | None = None) -> dict:
-    """``base`` updated with ``value`` and checked: ``timeout_s > 0``, ``workers >= 1``,
-    ``batch_size >= 1``, ``start_timeout_s > 0``; unknown keys fail with the allowed ones."""
-    out = dict(base or ISOLATION_DEFAULTS)
-    if value is None:
-        return out
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where} must be a mapping {{{', '.join(ISOLATION_DEFAULTS)}}}, got {value!r}")
-    unknown = sorted(set(value) - set(ISOLATION_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {list(ISOLATION_DEFAULTS)}")
-    for key, v in value.items():
-        kind = int if key in ("workers", "batch_size") else float
-        try:
-            if isinstance(v, bool) or (kind is int and float(v) != int(v)):
-                raise ValueError
-            v = kind(v)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}"
-            ) from None
-        if (kind is int and v < 1) or (kind is float and not v > 0) or v != v:
-            raise ConfigError(f"{where}.{key} must be {'>= 1' if kind is int else '> 0'}, got {v!r}")
-        out[key] = v
-    return out
 
 
 def class_ref(cls: type, name: str) -> str:
@@ -84,35 +61,37 @@ def class_ref(cls: type, name: str) -> str:
     return f"{mod}:{qual}"
 
 
+def is_batch_aware(cls: type) -> bool:
+    """A plugin that scores a batch at once (it overrides ``Reward.__call__``)."""
+    return cls.__call__ is not Reward.__call__
+
+
 # --------------------------------------------------------------------------- worker side
 
 
 class _PluginHandler:
+    """Built once in each worker: the plugin; serves ``(completions, records)`` tasks."""
+
     def __init__(self, init: Mapping[str, Any]):
-        cls = resolve(init["cls"])
-        self.plugin = cls(**dict(init.get("params") or {}))
+        self.plugin = resolve(init["cls"])(**dict(init["params"]))
         try:
-            self.plugin.name = init.get("name", "")
+            self.plugin.name = init["name"]
         except AttributeError:
             pass
 
-    def __call__(self, req: dict) -> dict:
-        shared = req["shared"]
-        completions = list(req["completions"])
-        records = [shared[k] for k in req["refs"]]
+    def __call__(self, item: tuple[list[str], list[dict]]) -> dict:
+        completions, records = item
         res = check_result(self.plugin(completions, records), len(completions))
+        note = memory_limit_note()  # a MemoryError the plugin caught itself (Reward.__call__ does)
+        errors = [f"MemoryError: {note}" if note and m.startswith("MemoryError") else m for m in res.errors]
         return {
             "status": "ok",
             "scores": res.scores,
             "failures": res.failures,
             "timeouts": res.timeouts,
-            "errors": res.errors,
+            "errors": errors,
             "stats": res.stats,
         }
-
-
-def _plugin_handler(init: Mapping[str, Any]) -> Callable[[dict], dict]:
-    return _PluginHandler(init)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -123,17 +102,7 @@ class IsolatedReward(Reward):
 
     isolated = True
 
-    def __init__(
-        self,
-        name: str,
-        cls: type,
-        params: Mapping[str, Any] | None = None,
-        *,
-        timeout_s: float = ISOLATION_DEFAULTS["timeout_s"],
-        workers: int = ISOLATION_DEFAULTS["workers"],
-        batch_size: int = ISOLATION_DEFAULTS["batch_size"],
-        start_timeout_s: float = ISOLATION_DEFAULTS["start_timeout_s"],
-    ):
+    def __init__(self, name: str, cls: type, params: Mapping[str, Any] | None, options: IsolationConfig):
         self.name = name
         self.plugin_class = cls
         self.ref = class_ref(cls, name)
@@ -145,23 +114,33 @@ class IsolatedReward(Reward):
                 f"reward '{name}': its parameters cannot be sent to a worker process ({e}); "
                 "use plain values, or set isolate: false"
             ) from e
-        self.timeout_s, self.workers, self.batch_size = float(timeout_s), int(workers), int(batch_size)
+        self.options = options
+        self.batch_aware = is_batch_aware(cls)
+        self.max_output_bytes = options.max_output_kb * 1024
         self.pool = WorkerPool(
-            "rewards.isolated:_plugin_handler",
+            "rewards.isolated:_PluginHandler",
             {"cls": self.ref, "params": self.params, "name": name},
-            workers=self.workers,
-            timeout_s=self.timeout_s,
+            workers=options.workers,
+            timeout_s=options.timeout_s,
+            start_timeout_s=options.start_timeout_s,
+            memory_limit_mb=options.memory_limit_mb,
+            max_output_bytes=self.max_output_bytes,
             label=f"reward '{name}'",
-            start_timeout_s=start_timeout_s,
         )
 
     def start(self) -> None:
-        """Start the workers and build the plugin in each (its import and constructor errors
-        raise a ConfigError here, before any model loads)."""
+        """Start the workers and build the plugin (its import and constructor errors raise a
+        ConfigError here, before any model loads)."""
         try:
             self.pool.start()
         except WorkerStartError as e:
             raise ConfigError(f"reward '{self.name}' ({self.ref}) cannot run in a worker process: {e}") from e
+
+    def batch_size(self, n: int) -> int:
+        """Completions per task for a batch of ``n``."""
+        if self.options.batch_size is not None:
+            return self.options.batch_size
+        return max(1, n) if self.batch_aware else 1
 
     def __call__(
         self, completions: Sequence[str], records: Sequence[dict], *, max_bad: int | None = None
@@ -173,80 +152,98 @@ class IsolatedReward(Reward):
         res = RewardResult(scores=[0.0] * n)
         if n == 0:
             return res
-        shared: list[Any] = []
-        index: dict[int, int] = {}
-        refs = []
-        for r in records:  # the G completions of a group share one record object: sent once
-            k = index.get(id(r))
-            if k is None:
-                k = index[id(r)] = len(shared)
-                shared.append(r)
-            refs.append(k)
-        bs = self.batch_size
+        bs = self.batch_size(n)
         spans = [(s, min(n, s + bs)) for s in range(0, n, bs)]
-        items = [{"completions": list(completions[s:e]), "refs": refs[s:e]} for s, e in spans]
-        bad = [0]
+        items = [(list(completions[s:e]), list(records[s:e])) for s, e in spans]
+        bad = 0
 
         def stop(i: int, out: dict) -> bool:
+            nonlocal bad
             s, e = spans[i]
-            if out.get("status") == "ok":
-                bad[0] += int(out.get("failures", 0) or 0) + int(out.get("timeouts", 0) or 0)
+            if out["status"] == "ok":
+                bad += int(out["failures"]) + int(out["timeouts"])
             else:
-                bad[0] += e - s
-            return max_bad is not None and bad[0] > max_bad
+                bad += e - s
+            return max_bad is not None and bad > max_bad
 
         restarts0 = self.pool.restarts
         try:
-            outs = self.pool.run(items, shared, stop=stop)
+            outs = self.pool.run(items, stop=stop)
         except WorkerStartError as e:
             raise RewardFailure(f"reward '{self.name}' ({self.ref}) cannot run in a worker process: {e}") from e
+        self._forward_output(outs)
         for (s, e), out in zip(spans, outs):
-            where = record_name(records[s]) if e - s == 1 else f"completions {s}..{e - 1}"
-            status = out.get("status")
-            if status == "ok":
-                try:
-                    part = check_result(
-                        RewardResult(
-                            scores=list(out.get("scores") or []),
-                            failures=int(out.get("failures", 0) or 0),
-                            timeouts=int(out.get("timeouts", 0) or 0),
-                            errors=[str(m) for m in out.get("errors") or []],
-                            stats=dict(out.get("stats") or {}),
-                        ),
-                        e - s,
-                    )
-                except Exception as err:  # noqa: BLE001
-                    for _ in range(s, e):
-                        res.add_failure(f"{type(err).__name__}: {err} ({where})")
-                    continue
-                res.scores[s:e] = part.scores
-                res.failures += part.failures
-                res.timeouts += part.timeouts
-                for m in part.errors:
-                    if len(res.errors) < MAX_ERRORS:
-                        res.errors.append(f"{m} ({where})")
-                for k, v in part.stats.items():
-                    res.stats[k] = res.stats.get(k, 0.0) + v
-            elif status == "timeout":
-                how = "its worker was killed" if out.get("hard") else "interrupted"
-                for j in range(s, e):
-                    res.add_timeout(f"timed out after {self.timeout_s:g}s ({how}) ({record_name(records[j])})")
-            elif status == "skipped":
-                continue
-            else:
-                for j in range(s, e):
-                    res.add_failure(f"{out.get('error', 'unknown error')} ({record_name(records[j])})")
+            self._merge(res, s, e, out, records)
         res.stats["worker_restarts"] = float(self.pool.restarts - restarts0)
         return res
+
+    def _merge(self, res: RewardResult, s: int, e: int, out: dict, records: Sequence[dict]) -> None:
+        where = record_name(records[s]) if e - s == 1 else f"completions {s}..{e - 1}"
+        status = out["status"]
+        if status == "ok":
+            try:
+                part = check_result(
+                    RewardResult(
+                        scores=list(out["scores"]),
+                        failures=out["failures"],
+                        timeouts=out["timeouts"],
+                        errors=list(out["errors"]),
+                        stats=dict(out["stats"]),
+                    ),
+                    e - s,
+                )
+            except Exception as err:  # noqa: BLE001
+                for _ in range(s, e):
+                    res.add_failure(f"{type(err).__name__}: {err} ({where})")
+                return
+            res.scores[s:e] = part.scores
+            res.failures += part.failures
+            res.timeouts += part.timeouts
+            for m in part.errors:
+                if len(res.errors) < MAX_ERRORS:
+                    res.errors.append(f"{m} ({where})")
+            for k, v in part.stats.items():
+                res.stats[k] = res.stats[k] + v if k in res.stats else v
+        elif status == "timeout":
+            how = "its worker was killed" if "hard" in out else "interrupted"
+            for j in range(s, e):
+                res.add_timeout(f"timed out after {self.options.timeout_s:g}s ({how}) ({record_name(records[j])})")
+        elif status != "skipped":
+            for j in range(s, e):
+                res.add_failure(f"{out['error']} ({record_name(records[j])})")
+
+    def _forward_output(self, outs: list[dict]) -> None:
+        """What the plugin printed during this call, to stderr: the first ``max_output_kb``."""
+        room, dropped = self.max_output_bytes, 0
+        for out in outs:
+            if "output" not in out:
+                continue
+            printed = out["output"]
+            data = printed["text"].encode("utf-8", "replace")
+            dropped += printed["dropped"] + max(0, len(data) - room)
+            if room > 0:
+                sys.stderr.write(data[:room].decode("utf-8", "replace"))
+                room -= min(room, len(data))
+        if dropped:
+            sys.stderr.write("\n")
+            log.warning(
+                "reward '%s': %d more bytes of its output dropped (the first %d KiB of each call are "
+                "kept: reward.isolation.max_output_kb)",
+                self.name,
+                dropped,
+                self.options.max_output_kb,
+            )
+        sys.stderr.flush()
 
     def close(self) -> None:
         self.pool.close()
 
     def __repr__(self) -> str:
+        o = self.options
         return (
-            f"IsolatedReward({self.name}: {self.ref}, timeout_s={self.timeout_s:g}, workers={self.workers}, "
-            f"batch_size={self.batch_size})"
+            f"IsolatedReward({self.name}: {self.ref}, timeout_s={o.timeout_s:g}, workers={o.workers}, "
+            f"batch_size={o.batch_size if o.batch_size is not None else 'auto'})"
         )
 
 
-__all__ = ["IsolatedReward", "ISOLATION_DEFAULTS", "PoolClosed", "class_ref", "isolation_options"]
+__all__ = ["IsolatedReward", "class_ref", "is_batch_aware"]

@@ -4,15 +4,14 @@ math-verify's ``parse``/``verify`` guard themselves with ``signal.alarm``, which
 on the main thread (environment pitfall 4), and some inputs hang inside C code where no
 signal helps (``verify(parse("1"), parse("$10^{10^{10^{10}}}$"))`` computes a 10^10-digit
 integer). So verification runs in persistent worker processes, :class:`VerifyPool`: the
-generic :class:`rewards.workers.WorkerPool` (also behind isolated reward plugins) running
-:func:`_handle`, with math-verify's own timeouts disabled (its ``alarm(0)`` would cancel the
-worker's timer):
+:class:`rewards.pool.WorkerPool` (pebble's process pool, also behind isolated reward plugins)
+running :func:`_handle`, with math-verify's own timeouts disabled (its ``alarm(0)`` would
+cancel the worker's timer):
 
-* each worker imports math-verify once, warms up, and reports "ready"; one item per worker
-  at a time, so the parent knows when each item started;
+* each worker imports math-verify once and warms up before it takes an item;
 * soft timeout: a Python-level hang is interrupted by the worker's ``setitimer`` and reported
   as a timeout;
-* hard timeout: an item still running ``timeout_s + grace`` after it was sent (a hang in C)
+* hard timeout: an item still running ``timeout_s + grace`` after it started (a hang in C)
   gets its worker killed and replaced; the item counts as a timeout;
 * a worker that dies mid-item is replaced and the item reported as an error.
 
@@ -29,7 +28,7 @@ from typing import Any
 
 from framework.errors import ConfigError, DataError
 
-from .workers import WorkerPool, _SoftTimeout  # noqa: F401  (_SoftTimeout: for older imports)
+from .pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +133,9 @@ def _quiet_math_verify() -> None:
 
 
 def _handle(req: dict) -> dict:
-    op = req.get("op", "verify")
-    if op == "verify":
+    if "op" not in req:  # {"pred", "gold"}
         return {"status": "ok", **verify_answer(req["pred"], req["gold"], None)}
+    op = req["op"]
     if op == "sleep":  # test hook: a Python-level hang (the soft timeout interrupts it)
         time.sleep(float(req["seconds"]))
         return {"status": "ok", "score": 1.0, "gold_ok": True}
@@ -147,7 +146,7 @@ def _handle(req: dict) -> dict:
         time.sleep(float(req["seconds"]))
         return {"status": "ok", "score": 1.0, "gold_ok": True}
     if op == "raise":  # test hook
-        raise RuntimeError(str(req.get("message", "boom")))
+        raise RuntimeError(str(req["message"]))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -161,13 +160,15 @@ def _verify_handler(init: Any = None):
 
 
 class VerifyPool(WorkerPool):
-    """Persistent math-verify workers with a per-item timeout (:class:`rewards.workers.WorkerPool`
+    """Persistent math-verify workers with a per-item timeout (:class:`rewards.pool.WorkerPool`
     running :func:`_handle`). Thread-safe; lazy start.
 
     ``run(items)`` takes dicts ``{"pred": str, "gold": str}`` (or test ops) and returns one
     dict per item, in order, with ``status`` in ``ok | timeout | error`` (plus ``score`` and
     ``gold_ok`` for ``ok``, ``error`` for ``error``).
     """
+
+    START_TIMEOUT_S = 120.0
 
     def __init__(self, workers: int = 4, timeout_s: float = 5.0, grace_s: float | None = None):
         if workers < 1:
@@ -179,9 +180,10 @@ class VerifyPool(WorkerPool):
             None,
             workers=workers,
             timeout_s=timeout_s,
+            start_timeout_s=self.START_TIMEOUT_S,
             grace_s=grace_s,
             label="math-verify",
         )
 
     def __repr__(self) -> str:
-        return f"VerifyPool(workers={self.num_workers}, timeout_s={self.timeout_s}, running={len(self._workers)})"
+        return f"VerifyPool(workers={self.num_workers}, timeout_s={self.timeout_s})"

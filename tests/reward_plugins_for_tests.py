@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 
 from rewards.base import Reward, RewardResult
@@ -57,6 +58,26 @@ class Misbehaving(Reward):
         if what == "slow":
             time.sleep(self.sleep_s)
             return 0.5
+        if what == "alloc":  # 1 GiB at once: past a small memory limit
+            return float(len(bytearray(1 << 30)) > 0)
+        if what == "hello":
+            print("hello from the plugin")
+            return 1.0
+        if what == "print":  # 100 KiB to stdout, 100 KiB to stderr
+            for stream in (sys.stdout, sys.stderr):
+                for _ in range(100):
+                    stream.write("x" * 1023 + "\n")
+            return 1.0
+        if what in ("fork", "fork_segv"):  # a child that would sleep for 10 minutes
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            with open(record["pidfile"], "a") as f:
+                f.write(f"{pid}\n")
+            if what == "fork_segv":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            return 1.0
         raise ValueError(f"unknown instruction {what!r}")
 
 
@@ -88,11 +109,25 @@ class WrongLength(Reward):
         return RewardResult(scores=[1.0] * (len(completions) - 1))
 
 
-def leaving_handler(init):
-    """A worker handler (``rewards.workers``) that answers ``SystemExit``: the worker replies,
-    then exits."""
+class GroupLongest(Reward):
+    """Group-relative (batch-aware: its own ``__call__``): 1.0 for the longest completion(s) of
+    each group (records with the same ``group``), 0.0 for the others."""
 
-    def handle(req):
-        raise SystemExit(3)
+    def __init__(self):
+        pass
 
-    return handle
+    def __call__(self, completions, records):
+        longest: dict = {}
+        for c, r in zip(completions, records):
+            longest[r["group"]] = max(longest.get(r["group"], 0), len(c))
+        return RewardResult(scores=[float(len(c) == longest[r["group"]]) for c, r in zip(completions, records)])
+
+
+class ManyStats(Reward):
+    """Batch-aware; reports 40 counters named after the first completion (``a00`` ... ``a39``)."""
+
+    def __init__(self):
+        pass
+
+    def __call__(self, completions, records):
+        return RewardResult(scores=[1.0] * len(completions), stats={f"{completions[0]}{i:02d}": 1.0 for i in range(40)})

@@ -73,7 +73,7 @@ def _fmt(ans):
 def test_evaluator_metrics_on_scripted_completions(vl_bundle, batch_size):
     from framework.evaluation import EvalSettings, Evaluator, pass_at_k
     from framework.rollout.base import SamplingParams
-    from rewards.base import RewardSet
+    from rewards import RewardSet
 
     records = [
         {"id": "a", "question": "How many?", "answer": "3", "images": [], "choices": []},

@@ -14,7 +14,7 @@ from framework.rollout.collector import DynamicSampling, RolloutCollector
 from framework.rollout.hf import HFGenerateEngine
 from framework.rollout.inputs import encode_prompts
 from framework.types import Rollout
-from rewards.base import RewardSet
+from rewards import RewardSet
 
 G = 3
 

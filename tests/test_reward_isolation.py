@@ -1,26 +1,39 @@
 """Reward plugins run isolated: hangs, exits, crashes, exceptions and non-numbers score 0, are
-counted and logged, the worker is replaced; too many failures stop the run naming the plugin;
-trusted plugins may run in-process; scoring can overlap the caller (RewardSet.submit)."""
+counted and logged, a lost worker is replaced; too many failures stop the run naming the
+plugin; trusted plugins may run in-process; built-ins are known by where they come from;
+batch-aware plugins get the batch; workers are bounded (memory, children, output, stats keys)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import reward_plugins_for_tests as P
 
 from framework.errors import ConfigError, UserError, one_line
 from framework.registry import REWARDS
-from rewards.base import Reward, RewardFailure, RewardSet, as_score, is_builtin
+from rewards import Reward, RewardFailure, RewardSet, as_score, is_builtin
+from rewards.format import FormatReward
 
 FAST = {"timeout_s": 1.0, "workers": 1}  # isolation settings for the tests
 
 
 @pytest.fixture
 def plugins():
-    names = {"misbehaving": P.Misbehaving, "pid": P.PidReward, "bad_init": P.BadInit, "wrong_length": P.WrongLength}
+    names = {
+        "misbehaving": P.Misbehaving,
+        "pid": P.PidReward,
+        "bad_init": P.BadInit,
+        "wrong_length": P.WrongLength,
+        "group_longest": P.GroupLongest,
+        "many_stats": P.ManyStats,
+    }
     for name, cls in names.items():
         REWARDS.register(name, cls, override=True)
     yield
@@ -41,12 +54,13 @@ def make(frac: float = 0.5, **component) -> RewardSet:
     )
 
 
-# mode -> (failures, timeouts, text in the first error, worker restarted)
+# mode -> (failures, timeouts, text in the first error, worker restarted). A Python-level hang
+# is interrupted in its worker and SystemExit is caught there: that worker goes on.
 CASES = {
     "hang": (0, 1, "timed out after 1s (interrupted)", False),
     "hard_hang": (0, 1, "its worker was killed", True),
     "swallow": (0, 1, "its worker was killed", True),
-    "exit": (1, 0, "SystemExit: 3", True),
+    "exit": (1, 0, "SystemExit: 3", False),
     "os_exit": (1, 0, "exit code 3", True),
     "segv": (1, 0, "SIGSEGV", True),
     "null": (1, 0, "SIGSEGV", True),
@@ -65,7 +79,9 @@ def test_misbehaving_plugin_scores_zero_counted_logged_restarted(plugins, caplog
         assert rs.rewards["misbehaving"].isolated  # not a built-in: isolated by default
         t0 = time.monotonic()
         s = rs(["ok", mode, "ok", "ok"], recs(4))
-        assert time.monotonic() - t0 < 6
+        # not the plugin's 600 s: its time limit (2 s at most) and, where its worker is lost, a
+        # replacement's start (a fresh interpreter importing torch: seconds on a loaded machine)
+        assert time.monotonic() - t0 < 30
         assert s.components["misbehaving"] == [1.0, 0.0, 1.0, 1.0] and s.total == [1.0, 0.0, 1.0, 1.0]
         m = s.metrics
         assert m["rewards/misbehaving/failures"] == failures and m["rewards/misbehaving/timeouts"] == timeouts
@@ -110,7 +126,7 @@ def test_a_plugin_hanging_everywhere_stops_early(plugins):
         t0 = time.monotonic()
         with pytest.raises(RewardFailure, match="timed out"):
             rs(["hang"] * 10, recs(10))  # > 1 timeout of 10 stops: 2 timeouts, not 10
-        assert time.monotonic() - t0 < 6
+        assert time.monotonic() - t0 < 8  # 2 s of timeouts, not 10 s
         assert rs(["ok"], recs(1)).components["misbehaving"] == [1.0]
 
 
@@ -169,32 +185,35 @@ def test_batching_plugin_with_a_bad_result_is_a_failure(plugins):
     assert s.components["wrong_length"] == [0.0, 0.0] and s.metrics["rewards/wrong_length/failures"] == 2
 
 
-def test_submit_overlaps_the_caller_and_keeps_order(plugins):
+def test_results_keep_their_order_and_a_failing_call_raises(plugins):
     with RewardSet(
         {"misbehaving": {"sleep_s": 0.4, "isolate": {"workers": 2}}}, correctness="misbehaving", isolation=FAST
     ) as rs:
-        t0 = time.monotonic()
-        f1 = rs.submit(["slow", "slow"], recs(2))
-        f2 = rs.submit(["ok", "slow"], recs(2))
-        assert time.monotonic() - t0 < 0.2  # returned at once: the caller generates meanwhile
-        assert not f1.done()
-        assert f1.result(timeout=10).components["misbehaving"] == [0.5, 0.5]
-        assert f2.result(timeout=10).components["misbehaving"] == [1.0, 0.5]
-        f3 = rs.submit(["boom"] * 3, recs(3))
+        assert rs(["slow", "ok", "slow", "ok"], recs(4)).components["misbehaving"] == [0.5, 1.0, 0.5, 1.0]
         with pytest.raises(RewardFailure, match="kaboom"):
-            f3.result(timeout=10)
+            rs(["boom"] * 3, recs(3))
 
 
 def test_close_during_a_call_returns_promptly(plugins):
     rs = make()
-    f = rs.submit(["hard_hang"], recs(1))
+    out = {}
+
+    def call():
+        try:
+            out["scores"] = rs(["hard_hang"], recs(1))
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=call)
+    t.start()
     time.sleep(0.3)
     t0 = time.monotonic()
     rs.close()
     assert time.monotonic() - t0 < 3
-    f.exception(timeout=5)  # finished one way or the other
+    t.join(5)
+    assert not t.is_alive() and "error" in out  # the call ended: the pool was closed under it
     with pytest.raises(RuntimeError, match="closed"):
-        rs.submit(["ok"], recs(1))
+        rs(["ok"], recs(1))
 
 
 def test_reward_config_options_checked():
@@ -206,7 +225,7 @@ def test_reward_config_options_checked():
             "isolation": {"timeout_s": 3, "workers": 1},
         }
     )
-    assert ok.max_failure_frac == 0.25 and ok.isolation["timeout_s"] == 3.0
+    assert ok.max_failure_frac == 0.25 and ok.isolation.timeout_s == 3.0 and ok.isolation.workers == 1
     ok.close()
     bad = [
         ({"max_failure_frac": 2}, "max_failure_frac"),
@@ -223,27 +242,132 @@ def test_reward_config_options_checked():
             RewardSet.from_config(cfg)
 
 
-def test_a_reply_read_together_with_the_workers_exit_is_kept():
-    """A worker that replies and then exits (SystemExit in a plugin) can be read after it has
-    gone: its reply and the end of its pipe arrive in one read. The reply must be kept (it
-    once was dropped and the item reported as 'worker died (exit code 0)', which CI caught)."""
-    import pickle
+# ----------------------------------------------------------------------------- trust by location
 
-    from rewards.workers import _HEADER, _Worker
 
-    w = _Worker(
-        {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(P.__file__), os.environ.get("PYTHONPATH", "")])},
-        {"handler": "reward_plugins_for_tests:leaving_handler", "init": None, "sys_path": []},
+def test_builtins_are_known_by_where_they_come_from_not_by_name(plugins, tmp_path):
+    """A module named ``rewards.evil`` loaded from outside the installed package is a plugin like
+    any other: isolated by default (here its workers cannot even import it: refused at start)."""
+    src = tmp_path / "evil.py"
+    src.write_text(
+        "from rewards.base import Reward\n\n\nclass Evil(Reward):\n"
+        "    def __init__(self):\n        pass\n\n    def score(self, completion, record):\n        return 1.0\n"
     )
+    spec = importlib.util.spec_from_file_location("rewards.evil", src)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rewards.evil"] = mod
     try:
-        data = pickle.dumps({"id": 7, "timeout": 5.0, "call": 1})
-        w.proc.stdin.write(_HEADER.pack(len(data)) + data)
-        w.proc.stdin.flush()
-        assert w.proc.wait(timeout=30) == 0  # gone before the parent reads a byte
-        lines, eof = w.read_lines()
-        assert eof
-        assert lines[0] == {"ready": True}
-        assert lines[1]["id"] == 7 and lines[1]["status"] == "error" and lines[1]["leaving"] is True
-        assert "SystemExit: 3" in lines[1]["error"]
+        spec.loader.exec_module(mod)
+        assert mod.Evil.__module__ == "rewards.evil"
+        assert not is_builtin(mod.Evil)
+        assert is_builtin(FormatReward) and is_builtin(REWARDS.get("accuracy"))
+        assert not is_builtin(P.Misbehaving)
+        REWARDS.register("evil", mod.Evil, override=True)
+        with pytest.raises(ConfigError, match=r"'evil'.*cannot run in a worker process.*rewards\.evil"):
+            RewardSet({"evil": {}}, correctness="evil", isolation=FAST)
+        with RewardSet({"evil": {"isolate": False}}, correctness="evil") as rs:  # trusted by name: only when asked
+            assert not rs.rewards["evil"].isolated and rs(["x"], recs(1)).components["evil"] == [1.0]
     finally:
-        w.kill()
+        sys.modules.pop("rewards.evil", None)
+        REWARDS._items.pop("evil", None)
+    del sys.modules["rewards.format"]  # a module not (or no longer) imported is no built-in either
+    try:
+        assert not is_builtin(FormatReward)
+    finally:
+        sys.modules["rewards.format"] = sys.modules["rewards"].format
+
+
+# ----------------------------------------------------------------------------- batch-aware plugins
+
+
+def test_a_group_relative_plugin_gets_the_whole_batch_by_default(plugins):
+    comps = ["a", "bbb", "cc", "dddd", "ee", "f", "ggg", "hh"]
+    records = [{"id": i, "group": i // 4, "answer": "1"} for i in range(8)]
+    # longest of each group of 4: "dddd" (group 0), "ggg" (group 1)
+    want = [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    with RewardSet({"group_longest": {}}, correctness="group_longest", isolation=FAST) as rs:
+        assert rs.rewards["group_longest"].isolated
+        assert rs(comps, records).components["group_longest"] == want
+    # one completion per task (what the default once was): every completion is its group's longest
+    with RewardSet(
+        {"group_longest": {"isolate": {"batch_size": 1}}}, correctness="group_longest", isolation=FAST
+    ) as rs:
+        assert rs(comps, records).components["group_longest"] == [1.0] * 8
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def test_memory_limit_scores_zero_with_a_clear_error_and_the_run_goes_on(plugins, caplog):
+    caplog.set_level(logging.WARNING, logger="rewards")
+    with make(frac=1.0, isolate={"memory_limit_mb": 256}) as rs:
+        s = rs(["alloc", "ok"], recs(2))
+        assert s.components["misbehaving"] == [0.0, 1.0] and s.metrics["rewards/misbehaving/failures"] == 1
+        warned = [r.getMessage() for r in caplog.records if "'misbehaving'" in r.getMessage()]
+        assert warned and "MemoryError" in warned[-1] and "memory limit" in warned[-1] and "256 MiB" in warned[-1]
+        assert rs(["ok"], recs(1)).components["misbehaving"] == [1.0]  # the same worker serves on
+    with make(frac=1.0, isolate={"memory_limit_mb": 4096, "timeout_s": 60}) as rs:  # the default: 1 GiB fits
+        s = rs(["alloc"], recs(1))
+        assert s.components["misbehaving"] == [1.0], s.metrics
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie is dead (its new parent may not reap it at once)
+
+
+def _gone(pid: int, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_plugins_children_die_with_its_worker(plugins, tmp_path):
+    pidfile = tmp_path / "pids"
+    rs = make(frac=1.0)
+    try:
+        s = rs(["fork_segv"], recs(1, pidfile=str(pidfile)))  # the worker dies: its child with it
+        assert s.metrics["rewards/misbehaving/worker_restarts"] == 1
+        (first,) = map(int, pidfile.read_text().split())
+        assert _gone(first)
+        assert rs(["fork"], recs(1, pidfile=str(pidfile))).components["misbehaving"] == [1.0]
+        second = int(pidfile.read_text().split()[1])
+        time.sleep(0.2)
+        assert _alive(second)  # its worker lives
+    finally:
+        rs.close()
+    assert _gone(second)  # closed: no child survives
+
+
+def test_plugin_output_is_forwarded_capped(plugins, capsys, caplog):
+    caplog.set_level(logging.WARNING, logger="rewards")
+    with make(frac=1.0) as rs:
+        rs(["hello", "ok"], recs(2))
+        err = capsys.readouterr().err
+        assert "hello from the plugin" in err
+        rs(["print", "print", "ok"], recs(3))  # 400 KiB printed in one call
+        err = capsys.readouterr().err
+    assert 60 * 1024 <= err.count("x") <= 64 * 1024
+    dropped = [r.getMessage() for r in caplog.records if "output dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "'misbehaving'" in dropped[0] and "max_output_kb" in dropped[0]
+
+
+def test_stats_keys_are_capped_and_reported_once(plugins, caplog):
+    caplog.set_level(logging.WARNING, logger="rewards")
+    with RewardSet({"many_stats": {}}, correctness="many_stats", isolation=FAST) as rs:
+        m = rs(["a"], recs(1)).metrics
+        assert sorted(k for k in m if k.startswith("rewards/many_stats/a")) == [
+            f"rewards/many_stats/a{i:02d}" for i in range(32)
+        ]
+        assert m["rewards/many_stats/worker_restarts"] == 0  # the isolation's own counter is always kept
+        m = rs(["b"], recs(1)).metrics  # 40 new keys: the 32 columns are taken
+        assert not [k for k in m if k.startswith("rewards/many_stats/b")]
+    warned = [r.getMessage() for r in caplog.records if "max_stat_keys" in r.getMessage()]
+    assert len(warned) == 1 and "'many_stats'" in warned[0]

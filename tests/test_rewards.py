@@ -223,6 +223,7 @@ def test_accuracy_timeout_counted(acc, monkeypatch):
 
     monkeypatch.setattr(r, "_prepare", prepare)
     try:
+        r.pool.start()  # the worker's start (math-verify's import and warm-up) is not what is timed
         t0 = time.monotonic()
         res = r([C("HANG"), C("3"), C("4")], [{"answer": "3"}] * 3)
         assert time.monotonic() - t0 < 5
@@ -235,6 +236,7 @@ def test_accuracy_timeout_counted(acc, monkeypatch):
 def test_pool_soft_and_hard_timeouts_replace_worker():
     pool = VerifyPool(workers=1, timeout_s=0.3, grace_s=0.3)
     try:
+        pool.start()
         t0 = time.monotonic()
         out = pool.run(
             [
@@ -439,17 +441,31 @@ def test_rewardset_bad_params_list_accepted():
 
 
 def test_config_yamls_build():
+    """configs/reward/*.yaml compose on the typed base (rewards.config.RewardConfig: the only
+    defaults) and state only what they change."""
     import pathlib
 
     yaml = pytest.importorskip("yaml")
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from rewards.config import RewardConfig
+
     root = pathlib.Path(__file__).resolve().parents[1] / "configs" / "reward"
+    base = OmegaConf.to_container(OmegaConf.structured(RewardConfig))
     weights = {}
-    for name in ("default", "apo"):
-        cfg = yaml.safe_load((root / f"{name}.yaml").read_text())
-        rs = RewardSet.from_config(cfg)
-        weights[name] = dict(rs.weights)
-        assert rs.correctness == "accuracy"
-        rs.close()
+    with initialize_config_module(config_module="framework.configs", version_base=None):
+        for name in ("default", "apo"):
+            raw = yaml.safe_load((root / f"{name}.yaml").read_text())
+            assert raw["defaults"] == ["base", "_self_"] and set(raw) == {"defaults", "components"}
+            cfg = OmegaConf.to_container(compose("config", overrides=[f"reward={name}"]).reward, resolve=True)
+            assert {k: v for k, v in cfg.items() if k != "components"} == {
+                k: v for k, v in base.items() if k != "components"
+            }
+            rs = RewardSet.from_config(cfg)
+            weights[name] = dict(rs.weights)
+            assert rs.correctness == "accuracy" and rs.config == RewardConfig(components=raw["components"])
+            rs.close()
     assert weights["default"] == {"accuracy": 1.0, "format": 1.0}
     assert weights["apo"] == {"accuracy": 1.0, "format": 0.5}
 

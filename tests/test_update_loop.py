@@ -21,7 +21,7 @@ from framework.rollout.hf import HFGenerateEngine
 from framework.rollout.inputs import encode_prompts
 from framework.types import LossNormalizer
 from framework.update import PolicyUpdate
-from rewards.base import RewardSet
+from rewards import RewardSet
 
 G = 4
 
