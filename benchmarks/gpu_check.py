@@ -665,16 +665,14 @@ def part_step(plan: Plan, a, rec: Record) -> None:
         s = early["sections"]
         rec["precision"] = s["trainer"].precision
         path = str(tmp / "model")
-        max_prompt = int(cfg.data.get("max_prompt_tokens", 1024))
+        max_prompt = s["data"].max_prompt_tokens
         predicted = budget_for_run(path, s, early["algorithm"], world_size=1, prompt_tokens=max_prompt)
         bundle = load_model_bundle(path)
         from framework.data import load_data, to_record
 
-        ds = load_data(OmegaConf.to_container(cfg.data, resolve=True))["train"]
+        ds = load_data(s["data"].options(OmegaConf.to_container(cfg.data, resolve=True)))["train"]
         recs = [to_record(ds[i]) for i in range(plan.step_prompts)]
-        enc = encode_prompts(
-            bundle, recs, cfg.data.get("system_prompt"), cfg.data.get("question_template", "{question}")
-        )
+        enc = encode_prompts(bundle, recs, s["data"].system_prompt, s["data"].question_template)
         prompt_len = int(enc.inputs["input_ids"].shape[1])
         at_prompt = budget_for_run(path, s, early["algorithm"], world_size=1, prompt_tokens=prompt_len)
         rec.update(

@@ -94,10 +94,12 @@ def read_metrics(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
 
 
 def summarize_run(run_dir: Path, metric: str = "eval/accuracy", threshold: float | None = None) -> dict:
-    """Final / best held-out metrics, the first step reaching ``threshold`` and training averages.
+    """Final / best held-out metrics, the change from step 0, the first step reaching
+    ``threshold`` and training averages.
 
     "best" and "steps to threshold" are over the trained steps only: step 0 is the model before
-    any training."""
+    any training. A run whose step-0 evaluation already reaches ``threshold`` has no "steps to
+    threshold" (None, with ``threshold_at_start`` True)."""
     train, evals = read_metrics(run_dir)
     if not evals:
         raise DataError(f"{run_dir}: no held-out evaluation in csv/metrics.csv (column eval/step)")
@@ -112,8 +114,15 @@ def summarize_run(run_dir: Path, metric: str = "eval/accuracy", threshold: float
     }
     out["best"] = max((v for _, v in trained), default=None)
     out["best_step"] = max(trained, key=lambda sv: sv[1])[0] if trained else None
+    start, end = evals[steps[0]].get(metric), evals[steps[-1]].get(metric)
+    # the change over training: final - step 0 (None without an evaluation before training)
+    out["change"] = end - start if steps[0] == 0 and len(steps) > 1 and None not in (start, end) else None
+    # "steps to threshold" counts training steps: a model already at the threshold before any
+    # training (step 0) reached it in no step, and the count is left empty (threshold_at_start)
+    at_start = threshold is not None and steps[0] == 0 and start is not None and start >= float(threshold)
+    out["threshold_at_start"] = bool(at_start)
     out["steps_to_threshold"] = (
-        None if threshold is None else next((s for s, v in trained if v >= float(threshold)), None)
+        None if threshold is None or at_start else next((s for s, v in trained if v >= float(threshold)), None)
     )
     out["threshold"] = threshold
     if train:
@@ -255,18 +264,25 @@ def table_rows(runs: list[dict], algorithms: list[str], metric: str, threshold) 
         ok = [r for r in rs if r["status"] == "done"]
         sm = [r["summary"] for r in ok]
         reached = [s["steps_to_threshold"] for s in sm if s.get("steps_to_threshold") is not None]
+        at_start = sum(bool(s.get("threshold_at_start")) for s in sm)
+        counted = len(ok) - at_start  # the runs that started below the threshold
         if threshold is None or not ok:
             thr = "—"
+        elif not counted:
+            thr = f"at step 0 already ({at_start}/{len(ok)})"
         elif reached:
-            thr = f"{_ms([float(x) for x in reached], '{:.0f}')} ({len(reached)}/{len(ok)})"
+            thr = f"{_ms([float(x) for x in reached], '{:.0f}')} ({len(reached)}/{counted})"
         else:
-            thr = f"not reached (0/{len(ok)})"
+            thr = f"not reached (0/{counted})"
+        if threshold is not None and ok and counted and at_start:
+            thr += f"; at step 0 already: {at_start}/{len(ok)}"
         rows.append(
             [
                 algo,
                 f"{len(ok)}/{len(rs)}",
                 _ms([s["initial"].get(metric) for s in sm]),
                 _ms([s["final"].get(metric) for s in sm]),
+                change_text([s.get("change") for s in sm]),
                 _ms([s.get("best") for s in sm]),
                 thr,
                 _ms([s["final"].get("eval/accuracy") for s in sm]),
@@ -277,6 +293,22 @@ def table_rows(runs: list[dict], algorithms: list[str], metric: str, threshold) 
     return rows
 
 
+def change_text(changes: list[float | None], level: float = CI_LEVEL) -> str:
+    """``"+0.050 [+0.010, +0.090]"``: the mean over seeds of final - step 0 and its
+    percentile-bootstrap confidence interval over the seeds (:func:`bootstrap_ci`); the value
+    alone for one seed."""
+    vals = [c for c in changes if c is not None]
+    if not vals:
+        return "—"
+    mean = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{mean:+.3f}"
+    import numpy as np
+
+    lo, hi = (float(np.ravel(b)[0]) for b in bootstrap_ci([[v] for v in vals], level=level))
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def table_columns(metric: str, threshold) -> list[str]:
     thr = f"first step ≥ 1 with {metric} ≥ {threshold}" if threshold is not None else "steps to threshold"
     return [
@@ -284,6 +316,7 @@ def table_columns(metric: str, threshold) -> list[str]:
         "runs ok",
         f"{metric} at step 0",
         f"final {metric}",
+        f"change final − step 0 [{CI_LEVEL:.0%} CI]",
         f"best {metric} (steps ≥ 1)",
         thr,
         "final eval/accuracy (greedy)",
@@ -297,31 +330,67 @@ def _show(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def key_applies(flat: dict[str, Any], key: str) -> bool:
+    """Whether config key ``key`` has an effect in the run whose flattened config is ``flat``:
+    not when a section above it is switched off (``algorithm.stcr.lam`` with
+    ``algorithm.stcr.enabled=false``), not a KL-schedule parameter the run's schedule does not
+    take (``algorithm.kl.schedule.beta_max`` under ``constant``; ``algorithm.kl.coef`` under
+    ``grpo_d``), not ``optim.min_lr_ratio`` under the constant learning rate."""
+    if key not in flat:
+        return False
+    parts = key.split(".")
+    for i in range(1, len(parts) - 1 + (parts[-1] != "enabled")):
+        if flat.get(".".join(parts[:i]) + ".enabled") is False and key != ".".join(parts[:i]) + ".enabled":
+            return False
+    sched = flat.get("algorithm.kl.schedule.name")
+    if key.startswith("algorithm.kl.schedule.") and key != "algorithm.kl.schedule.name" and sched is not None:
+        from algorithms.schedules import SCHEDULES
+
+        spec = SCHEDULES.get(str(sched))
+        return spec is None or parts[-1] in spec.params
+    if key == "algorithm.kl.coef" and sched is not None:
+        # the constant schedule's value; linear / cosine fall back to it for an unset start or end
+        s = "algorithm.kl.schedule."
+        return sched == "constant" or (
+            sched in ("linear", "cosine") and None in (flat.get(s + "start"), flat.get(s + "end"))
+        )
+    if key == "optim.min_lr_ratio":
+        return flat.get("optim.scheduler") not in ("constant", None)
+    return True
+
+
 def recipe_rows(runs: list[dict], algorithms: list[str]) -> list[list[str]]:
     """``[key, value per algorithm...]`` for every config key whose value differs between the
-    compared runs (keys that only name a run, such as the seed, left out); several values of
-    one algorithm (its seeds differ) are joined with `` / ``, an unset key is ``—``."""
+    compared runs (keys that only name a run, such as the seed, left out). Only keys that apply
+    count (:func:`key_applies`): a key without effect in a run is ``n/a`` in its cell, and a key
+    that applies to no compared run is left out. Several values of one algorithm (its seeds
+    differ) are joined with `` / ``."""
     flat = {a: [flatten(r["config"]) for r in runs if r["algorithm"] == a and r.get("config")] for a in algorithms}
     flat = {a: fs for a, fs in flat.items() if fs}
     if len(flat) < 2:
         return []
     keys = sorted({k for fs in flat.values() for f in fs for k in f})
     rows = []
-    _unset = object()
+    _na = object()
+
+    def value(f: dict, k: str) -> Any:
+        return f[k] if key_applies(f, k) else _na
+
     for k in keys:
         if any(k == p or k.startswith(p + ".") for p in PER_RUN_KEYS):
             continue
-        per = {a: list(dict.fromkeys(json.dumps(f.get(k, _unset), default=str) for f in fs)) for a, fs in flat.items()}
-        if len({v for vs in per.values() for v in vs}) < 2:
+        vals = {a: [value(f, k) for f in fs] for a, fs in flat.items()}
+        if all(v is _na for vs in vals.values() for v in vs):
+            continue
+        if len({"n/a" if v is _na else json.dumps(v, default=str) for vs in vals.values() for v in vs}) < 2:
             continue
         cells = []
         for a in algorithms:
             if a not in flat:
                 cells.append("")
                 continue
-            vals = [f.get(k, _unset) for f in flat[a]]
-            shown = list(dict.fromkeys("—" if v is _unset else _show(v) for v in vals))
-            cells.append(" / ".join(f"`{c}`" if c != "—" else c for c in shown))
+            shown = list(dict.fromkeys("n/a" if v is _na else _show(v) for v in vals[a]))
+            cells.append(" / ".join(f"`{c}`" if c != "n/a" else c for c in shown))
         rows.append([f"`{k}`", *cells])
     return rows
 
@@ -486,29 +555,59 @@ def reward_components(runs: list[dict]) -> list[str]:
     return list(names)
 
 
+# the y-axis label of a held-out metric (the key itself is in the plotted data's CSV)
+EVAL_LABELS = {
+    "eval/accuracy": "held-out accuracy (greedy)",
+    "eval/accuracy_sampled": "held-out accuracy (sampled)",
+    "eval/pass@k": "held-out pass@{k}",
+    "eval/format": "held-out format score",
+    "eval/mean_length": "held-out response length (tokens)",
+}
+
+
+def _pass_k(runs: list[dict]) -> int | None:
+    ks = {(r.get("config") or {}).get("trainer", {}).get("eval_pass_k") for r in runs if r.get("config")}
+    ks.discard(None)
+    return int(ks.pop()) if len(ks) == 1 else None
+
+
+def metric_label(key: str, pass_k: int | None = None) -> str:
+    """A human-readable name of a metric key (``eval/accuracy_sampled`` -> ``held-out accuracy
+    (sampled)``); an unknown key is shown as it is."""
+    if key in EVAL_LABELS:
+        return EVAL_LABELS[key].format(k=pass_k if pass_k else "k")
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "rewards" and parts[2] == "mean":
+        return f"{parts[1].replace('_', ' ')} reward"
+    return key
+
+
 def figure_specs(metric: str, runs: list[dict]) -> list[FigureSpec]:
     evals = list(dict.fromkeys([metric, "eval/accuracy", "eval/pass@k", "eval/format"]))
     logged = {k for r in runs for row in (r.get("evals") or {}).values() for k in row}
     evals = [k for k in evals if k in logged] or [metric]
     comps = reward_components(runs)
+    k = _pass_k(runs)
     return [
-        FigureSpec("accuracy", "held-out evaluation", tuple(Panel(k, "eval", k, False) for k in evals)),
+        FigureSpec(
+            "accuracy", "held-out evaluation", tuple(Panel(e, "eval", metric_label(e, k), False) for e in evals)
+        ),
         FigureSpec(
             "reward",
             "training reward per component (batch mean of each unweighted score)",
-            tuple(Panel(f"rewards/{c}/mean", "train", f"{c} (rewards/{c}/mean)", True) for c in comps),
+            tuple(Panel(f"rewards/{c}/mean", "train", metric_label(f"rewards/{c}/mean"), True) for c in comps),
         ),
         FigureSpec(
             "reward_total",
             "total training reward",
-            (Panel("reward|rewards/total/mean", "train", "total reward", True),),
+            (Panel("reward|rewards/total/mean", "train", "total reward (weighted)", True),),
         ),
         FigureSpec(
             "kl_beta",
             "KL to the reference and the KL weight",
             (
-                Panel("kl", "train", "KL (per token)", True),
-                Panel("beta/effective|beta", "train", "β (APO: mean effective β_i)", False),
+                Panel("kl", "train", "KL to reference (per token)", True),
+                Panel("beta/effective|beta", "train", "KL weight β (APO: mean β_i)", False),
             ),
         ),
         FigureSpec("lr", "learning rate", (Panel("lr", "train", "learning rate", False),)),
@@ -580,17 +679,24 @@ def _seeds_text(ns: dict[str, int]) -> str:
     return "seeds per algorithm: " + ", ".join(f"{a} n = {n}" for a, n in ns.items())
 
 
-def caption(title: str, drawn: list[Panel], ns: dict[str, int]) -> str:
-    """What the figure shows: seeds, the band, the smoothing of every panel."""
+def caption(title: str, drawn: list[Panel], ns: dict[str, int], same: list[Panel] | None = None) -> str:
+    """What the figure shows: seeds, the band, the smoothing of every panel. ``same``: panels
+    whose values are the same in every seed (no band is drawn there)."""
     lo = min(ns.values())
-    band = (
-        f"shaded: {CI_LEVEL:.0%} percentile-bootstrap confidence interval of that mean ({N_BOOT} resamples "
-        "of the seeds, torchmetrics BootStrapper)"
-    )
-    if lo == 2:
-        band += " — with 2 seeds every resample is one of the runs or their mean, so it only spans the two runs"
-    if lo == 1:
-        band += "; none where an algorithm has one seed"
+    same = same or []
+    if same and len(same) == len(drawn):
+        band = "no band: every seed has the same values"
+    else:
+        band = (
+            f"shaded: {CI_LEVEL:.0%} percentile-bootstrap confidence interval of that mean ({N_BOOT} resamples "
+            "of the seeds, torchmetrics BootStrapper)"
+        )
+        if lo == 2:
+            band += " — with 2 seeds every resample is one of the runs or their mean, so it only spans the two runs"
+        if lo == 1:
+            band += "; none where an algorithm has one seed"
+        if same:
+            band += f"; no band for {', '.join(p.label for p in same)}: the same in every seed"
     smooth = "; ".join(
         f"{p.label}: trailing rolling mean over {SMOOTH} RL steps (of each seed, before averaging)"
         if p.smooth
@@ -617,6 +723,51 @@ def _smoothing_note(drawn: list[Panel]) -> str:
     )
 
 
+def _span(vals) -> float:
+    return max(vals) - min(vals) if len(vals) else 0.0
+
+
+def _flat(vals, tol: float = 1e-9) -> bool:
+    """All values equal up to a relative ``tol`` (float noise)."""
+    vals = list(vals)
+    return not vals or _span(vals) <= tol * max(1e-300, max(abs(v) for v in vals))
+
+
+def _is_constant(c: Curve) -> bool:
+    """The curve is one value at every step (a flat line)."""
+    return _flat(c.mean)
+
+
+def _no_band(c: Curve) -> bool:
+    """Every seed has the same values (the interval has no width)."""
+    return c.low is None or all(_flat([lo, hi]) for lo, hi in zip(c.low, c.high))
+
+
+@dataclass
+class Constant:
+    """A panel not drawn because every algorithm's curve is flat: ``{algorithm: value}``."""
+
+    task: str
+    label: str
+    key: str
+    values: dict[str, float]
+
+    def text(self) -> str:
+        vals = {a: f"{v:.4g}" for a, v in self.values.items()}
+        if len(set(vals.values())) == 1:
+            return f"{self.label}: {next(iter(vals.values()))} for every algorithm"
+        return f"{self.label}: " + ", ".join(f"{a} {v}" for a, v in vals.items())
+
+
+def quiet_plotting_loggers() -> None:
+    """matplotlib's PDF backend subsets fonts with fontTools, which logs every table it touches at
+    INFO (hundreds of ``[fontTools.subset][INFO]`` lines per sweep once a caller such as Hydra's
+    job logging sets the root logger to INFO); matplotlib itself logs font-cache notes at INFO.
+    Both are set to WARNING at their source: their warnings and errors still show."""
+    for name in ("fontTools", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def plot_task(
     task: str,
     runs: list[dict],
@@ -625,13 +776,17 @@ def plot_task(
     out_dir: Path,
     *,
     keep_figures: bool = False,
+    constants: list[Constant] | None = None,
 ) -> list[Plot]:
-    """Draw and save every figure of one task (PNG, PDF and the plotted data as CSV)."""
+    """Draw and save every figure of one task (PNG, PDF and the plotted data as CSV). A panel in
+    which every algorithm's curve is flat is not drawn (a figure of only such panels is not
+    written); it is appended to ``constants`` (the report states its value instead)."""
+    quiet_plotting_loggers()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = weights_by_algorithm(runs, algorithms)
@@ -649,6 +804,12 @@ def plot_task(
     for spec in figure_specs(metric, runs):
         curves = {p: [c for a in algorithms if (c := curve(runs, a, p)) is not None] for p in spec.panels}
         drawn = [p for p in spec.panels if curves[p]]
+        for p in [p for p in drawn if all(_is_constant(c) for c in curves[p])]:
+            drawn.remove(p)  # no plot of a constant: the report states the value
+            if constants is not None:
+                constants.append(Constant(task, p.label, p.key, {c.algorithm: c.mean[0] for c in curves[p]}))
+        for stale in (out_dir / f"{task}_{spec.stem}{ext}" for ext in (".png", ".pdf", ".csv")):
+            stale.unlink(missing_ok=True)  # an earlier report's figure that this one does not draw
         if not drawn:
             continue
         title = f"{task}: {spec.title}"
@@ -657,13 +818,17 @@ def plot_task(
             if note:
                 title += (" — " if differ else " ") + note
         ns = {c.algorithm: c.n_seeds for p in drawn for c in curves[p]}
-        sub = f"mean over seeds, {CI_LEVEL:.0%} bootstrap CI; {_smoothing_note(drawn)}"
+        # panels whose seeds all agree (a schedule): no band, and the figure says no CI there
+        same = [p for p in drawn if all(c.low is not None and _no_band(c) for c in curves[p])]
+        banded = any(not _no_band(c) for p in drawn for c in curves[p])
+        sub = f"mean over seeds{f', {CI_LEVEL:.0%} bootstrap CI' if banded else ''}; {_smoothing_note(drawn)}"
         rows_n, cols_n, size = _layout(len(drawn))
         with plt.rc_context(style):
             fig, axes = plt.subplots(rows_n, cols_n, figsize=size, dpi=DPI, squeeze=False, layout="constrained")
             flat_axes = list(axes.flat)
             for ax in flat_axes[len(drawn) :]:
                 ax.set_visible(False)
+            legend: dict[str, Any] = {}  # label -> line: one legend for the figure
             for ax, panel in zip(flat_axes, drawn):
                 n = len(curves[panel])
                 dw, dm = (min(0.6, 1.8 / (n - 1)), min(1.5, 4.5 / (n - 1))) if n > 1 else (0.0, 0.0)
@@ -671,7 +836,7 @@ def plot_task(
                     i = algorithms.index(c.algorithm)
                     color = COLORS[i % len(COLORS)]
                     every = max(1, len(c.steps) // 8) if panel.source == "train" else 1
-                    ax.plot(
+                    (line,) = ax.plot(
                         c.steps,
                         c.mean,
                         color=color,
@@ -685,13 +850,27 @@ def plot_task(
                         label=f"{c.algorithm} (n={c.n_seeds})",
                         zorder=3 + j,
                     )
-                    if c.low is not None:
+                    legend.setdefault(line.get_label(), line)
+                    if not _no_band(c):
                         ax.fill_between(c.steps, c.low, c.high, color=color, alpha=0.18, lw=0, zorder=1)
                 ax.set_xlabel("RL step")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+                # plain tick labels; very small or large values as a common ×10^n factor, never an
+                # additive offset or a long decimal (a learning rate of 3e-4 reads "3" with "×10⁻⁴")
+                fmt = ScalarFormatter(useMathText=True, useOffset=False)
+                fmt.set_powerlimits((-3, 4))
+                ax.yaxis.set_major_formatter(fmt)
                 ax.set_ylabel(panel.label)
                 ax.grid(alpha=0.3, lw=0.5)
-            flat_axes[0].legend(loc="best", frameon=False)
+            # below the panels, outside every axis: a legend never covers a curve
+            order = [f"{a} (n={ns[a]})" for a in algorithms if a in ns and f"{a} (n={ns[a]})" in legend]
+            fig.legend(
+                [legend[k] for k in order],
+                order,
+                loc="outside lower center",
+                ncol=min(len(order), 5),
+                frameon=False,
+            )
             width_chars = int(size[0] * 15)
             fig.suptitle(textwrap.fill(title, width_chars) + "\n" + sub, fontsize=7)
             base = out_dir / f"{task}_{spec.stem}"
@@ -715,7 +894,7 @@ def plot_task(
                 pdf,
                 data,
                 title,
-                caption(title, drawn, ns),
+                caption(title, drawn, ns, same),
                 fig if keep_figures else None,
             )
         )
@@ -760,8 +939,11 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
         f"interval). `{metric}` is measured on the held-out split (eval every {ev.get('every', '?')} steps on "
         f"{ev.get('size', '?')} questions, pass@{ev.get('pass_k', 1)} from "
         f"{ev.get('samples') or ev.get('pass_k', 1)} samples); step 0 is the model before any training, so "
-        f'"best" and "first step ≥ 1 with ≥ {threshold}" are over the trained steps only (k/n = how many runs '
-        "reached it). Response length and KL are training-batch means over the last 10% of the steps.",
+        f'"best" and "first step ≥ 1 with ≥ {threshold}" are over the trained steps only (k/n = how many of the '
+        "runs that started below it reached it; a run already at it at step 0 is counted apart, with no step). "
+        f'"change" is final − step 0 per run: its mean over seeds and the {CI_LEVEL:.0%} percentile-bootstrap '
+        f"confidence interval of that mean ({N_BOOT} resamples of the seeds). "
+        "Response length and KL are training-batch means over the last 10% of the steps.",
         "",
     ]
     walls = [r["wall_s"] for r in runs if r["status"] == "done" and r.get("wall_s")]
@@ -786,7 +968,8 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
         tr = [r for r in runs if r["task"] == task]
         cols, rows = table_columns(metric, threshold), table_rows(tr, algorithms, metric, threshold)
         tables[task] = (cols, rows)
-        plots[task] = plot_task(task, tr, algorithms, metric, sweep_dir / "plots")
+        constants: list[Constant] = []
+        plots[task] = plot_task(task, tr, algorithms, metric, sweep_dir / "plots", constants=constants)
         md += [f"## Task `{task}`", ""]
         overrides = (suite.get("tasks") or {}).get(task)
         if overrides:
@@ -803,6 +986,11 @@ def write_report(sweep_dir: Path | str, *, wandb_log: bool | None = None) -> Pat
                     line += f" — its output: [`{rel}`]({rel})"
                 md.append(line)
             md += [""]
+        if constants:
+            md += [
+                "Constant over training in every run (not plotted): " + "; ".join(c.text() for c in constants) + ".",
+                "",
+            ]
         for i, p in enumerate(plots[task], 1):
             md += [
                 f"![{p.stem}](plots/{p.png.name})",
@@ -843,7 +1031,8 @@ def recipe_section(runs: list[dict], algorithms: list[str]) -> list[str]:
     if rows:
         md += [
             "Config keys whose values differ between the compared runs (from each run's `.hydra/config.yaml`; "
-            "the seed and the run's name and folder left out; every other key is the same for all):",
+            "the seed and the run's name and folder left out; every other key is the same for all). "
+            "n/a: the key has no effect in that run (its section is switched off, or its schedule does not take it):",
             "",
             _md_table(["key", *shown], [[row[0], *[row[1 + algorithms.index(a)] for a in shown]] for row in rows]),
             "",
@@ -856,6 +1045,25 @@ def recipe_section(runs: list[dict], algorithms: list[str]) -> list[str]:
     if notes:
         md += notes + [""]
     return md
+
+
+WANDB_ID_FILE = "wandb_report_id.txt"  # the sweep's report run id (one W&B run per sweep)
+
+
+def report_wandb_id(sweep_dir: Path) -> str:
+    """The W&B run id of the sweep's report: made once and kept in ``<sweep_dir>/wandb_report_id.txt``,
+    so every re-report logs to the same W&B run instead of adding one."""
+    p = Path(sweep_dir) / WANDB_ID_FILE
+    try:
+        rid = p.read_text().strip()
+    except OSError:
+        rid = ""
+    if not rid:
+        import secrets
+
+        rid = secrets.token_hex(4)  # 8 characters of [0-9a-f], as W&B's own ids
+        p.write_text(rid + "\n")
+    return rid
 
 
 def log_to_wandb(sweep_dir: Path, suite: dict, tables, plots, runs) -> None:
@@ -872,6 +1080,9 @@ def log_to_wandb(sweep_dir: Path, suite: dict, tables, plots, runs) -> None:
         dir=str(sweep_dir),
         mode=lg.get("wandb_mode", "offline"),
         config={"suite": suite},
+        # one W&B run per sweep: every re-report continues the run the first one created
+        id=report_wandb_id(sweep_dir),
+        resume="allow",
         reinit=True,
     )
     try:

@@ -19,14 +19,13 @@ import os
 import time
 
 import torch
-from omegaconf import OmegaConf
 
 
-def data_config(name: str) -> dict:
-    """The ``data`` section of ``apo-rl data=<name>`` (configs/data/<name>.yaml over its bases)."""
-    from framework.resources import compose_config
+def data_config(name: str):
+    """The typed ``data`` section of ``apo-rl data=<name>`` (framework.config.DataConfig)."""
+    from framework.config import data_section
 
-    return OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True)
+    return data_section(name)
 
 
 def main() -> None:
@@ -62,9 +61,9 @@ def main() -> None:
     bundle = load_model_bundle(path)
     model = load_model(path, a.dtype, trainable=False).to(a.device)
     dcfg = data_config(a.data)
-    ds = load_data(dcfg)["test"]
+    ds = load_data(dcfg.options())["test"]
     recs = [to_record(ds[i % len(ds)]) for i in range(a.prompts)]
-    prompts = encode_prompts(bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}"))
+    prompts = encode_prompts(bundle, recs, dcfg.system_prompt, dcfg.question_template)
     sp = SamplingParams(temperature=a.temperature, max_new_tokens=a.max_new_tokens)
     P = int(prompts.inputs["attention_mask"].sum(-1).float().mean())
     print(

@@ -46,12 +46,12 @@ def main() -> None:
     from benchmarks.rollout_engines import data_config
 
     dcfg = data_config(a.data)
-    ds = load_data(dcfg)["test"]
+    ds = load_data(dcfg.options())["test"]
     recs = [to_record(ds[i]) for i in range(a.prompts)]
     rcfg = OmegaConf.create({"engine": a.engine})
     engine = ROLLOUT_ENGINES.get(a.engine)(rcfg, bundle, model)
     sp = SamplingParams(max_new_tokens=a.max_new_tokens)
-    prompts = encode_prompts(bundle, recs, dcfg.get("system_prompt"))
+    prompts = encode_prompts(bundle, recs, dcfg.system_prompt, dcfg.question_template)
     engine.generate(prompts, a.group_size, sp)  # warm-up
     rows = []
     for _ in range(a.repeats):

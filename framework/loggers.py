@@ -170,5 +170,5 @@ def wandb_mode(logger_cfg) -> str:
 
 def run_name(run_config: dict) -> str:
     """``<algorithm>-<model>-seed<k>``, the W&B run name when ``logger.name`` is not set."""
-    model = str(run_config.get("model", {}).get("name_or_path", "model")).rstrip("/").split("/")[-1]
-    return f"{run_config.get('algorithm', {}).get('name', 'run')}-{model.replace(':', '_')}-seed{run_config.get('seed', 0)}"
+    model = str(run_config["model"]["name_or_path"]).rstrip("/").split("/")[-1]
+    return f"{run_config['algorithm']['name']}-{model.replace(':', '_')}-seed{run_config['seed']}"

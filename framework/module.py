@@ -57,7 +57,6 @@ class RLModule(L.LightningModule):
         rewards,
         engine_factory,
         sections,
-        data_cfg,
         eval_records: list[dict] | None = None,
         extra_prompts=None,
         batch_sampler=None,
@@ -70,8 +69,7 @@ class RLModule(L.LightningModule):
         self.__dict__["reference"] = reference
         self.bundle, self.algo, self.rewards = bundle, algorithm, rewards
         self.engine_factory = engine_factory
-        self.s = sections
-        self.data_cfg = data_cfg
+        self.s = sections  # the typed, validated sections (framework.config.validate_run_config)
         self.eval_records = eval_records or []
         self.extra_prompts = extra_prompts  # iterator of record lists for filter_groups refills
         self.batch_sampler = batch_sampler  # repositioned on resume (framework.train.StepBatchSampler)
@@ -170,12 +168,8 @@ class RLModule(L.LightningModule):
             self.engine.close()
 
     def encode(self, records):
-        return encode_prompts(
-            self.bundle,
-            records,
-            self.data_cfg.get("system_prompt"),
-            self.data_cfg.get("question_template", "{question}"),
-        )
+        d = self.s["data"]
+        return encode_prompts(self.bundle, records, d.system_prompt, d.question_template)
 
     # ------------------------------------------------------------------ the step
     def training_step(self, records, batch_idx):
@@ -311,7 +305,7 @@ class RLModule(L.LightningModule):
             self.engine,
             self.bundle,
             self.rewards,
-            self.data_cfg,
+            self.s["data"],
             self.s["rollout"],
             pass_k=t.eval_pass_k,
             num_samples=t.eval_samples,

@@ -483,7 +483,7 @@ def test_hydra_data_configs():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         syn = compose(overrides=["+data=synthetic"]).data
         txt = compose(overrides=["+data=synthetic_text"]).data
-        loc = compose(overrides=["+data=local", f"+data.path={FIX / 'local'}"]).data
+        loc = compose(overrides=["+data=local", f"data.path={FIX / 'local'}"]).data
         hub = compose(overrides=["+data=hub"]).data
     assert syn.task == "synthetic" and list(syn.kinds) == ["count"] and list(syn.difficulty) == [1, 2]
     assert syn.train_size == 2000 and syn.test_size == 200 and syn.modality == "image"

@@ -149,8 +149,8 @@ def test_schedules_are_drawn_raw_and_batch_statistics_smoothed(plots):
     assert {r["smoothing"] for r in rows} == {"none"}
     assert {r["smoothing"] for r in _data(p) if r["metric"] == "kl"} == {f"rolling_mean_{report.SMOOTH}"}
     # the caption says which curve is smoothed and how
-    assert f"KL (per token): trailing rolling mean over {report.SMOOTH} RL steps" in p.caption
-    assert "β (APO: mean effective β_i): none (raw values)" in p.caption
+    assert f"KL to reference (per token): trailing rolling mean over {report.SMOOTH} RL steps" in p.caption
+    assert "KL weight β (APO: mean β_i): none (raw values)" in p.caption
     lr_x, lr_y = _lines(plots["lr"].figure.axes[0])["grpo"]
     assert lr_y == pytest.approx([1e-6 * t for t in lr_x])
     assert "none (raw values)" in plots["lr"].caption
@@ -158,10 +158,8 @@ def test_schedules_are_drawn_raw_and_batch_statistics_smoothed(plots):
 
 def test_accuracy_is_plotted_per_reward_component(plots):
     p = plots["reward"]
-    assert [ax.get_ylabel() for ax in p.figure.axes] == [
-        "accuracy (rewards/accuracy/mean)",
-        "format (rewards/format/mean)",
-    ]
+    assert [ax.get_ylabel() for ax in p.figure.axes] == ["accuracy reward", "format reward"]
+    assert {r["metric"] for r in _data(p)} == {"rewards/accuracy/mean", "rewards/format/mean"}  # keys in the CSV
     x, y = _lines(p.figure.axes[0])["apo"]
     raw = {t: np.mean([0.1 * t + 0.02 * s + OFFSET.get("apo", 0.0) for s in SEEDS]) for t in x}
     assert y == pytest.approx([np.mean([raw[u] for u in x if t - report.SMOOTH < u <= t]) for t in x])
@@ -202,12 +200,14 @@ def test_best_and_steps_to_threshold_exclude_step_0(sweep):
         assert s["initial"]["eval/accuracy_sampled"] == pytest.approx(0.9 + 0.01 * seed)  # step 0: the highest
         assert s["best"] == pytest.approx(held_out("grpo", seed, 6))
         assert s["best_step"] == 6
-        assert s["steps_to_threshold"] == 6  # step 0 was above the threshold too
+        # step 0 (0.9) is already above the threshold (0.5): no training step reached it, and
+        # the dip to 0.4 and back to 0.6 is not "6 steps to threshold"
+        assert s["steps_to_threshold"] is None and s["threshold_at_start"] is True
         assert s["eval_steps"] == EVAL_STEPS  # the forward-filled rows are not evaluations
     rows = report.table_rows(report.collect(sweep)[1], ["grpo"], "eval/accuracy_sampled", THRESHOLD)
     best = [held_out("grpo", s, 6) for s in SEEDS]
-    assert rows[0][4] == f"{np.mean(best):.3f} ± {np.std(best, ddof=1):.3f}"
-    assert rows[0][5] == "6 ± 0 (3/3)"
+    assert rows[0][5] == f"{np.mean(best):.3f} ± {np.std(best, ddof=1):.3f}"
+    assert rows[0][6] == "at step 0 already (3/3)"
 
 
 def test_bootstrap_interval_matches_a_hand_computation():
@@ -235,7 +235,7 @@ def test_bootstrap_interval_matches_a_hand_computation():
 def test_plotted_band_is_the_bootstrap_interval_over_seeds(plots):
     p = plots["accuracy"]
     ax = p.figure.axes[0]
-    assert ax.get_ylabel() == "eval/accuracy_sampled"
+    assert ax.get_ylabel() == "held-out accuracy (sampled)"
     per_seed = np.array([[held_out("apo", s, t) for t in EVAL_STEPS] for s in SEEDS])
     lo, hi = report.bootstrap_ci(per_seed)
     rows = [r for r in _data(p) if r["metric"] == "eval/accuracy_sampled" and r["algorithm"] == "apo"]
@@ -250,6 +250,7 @@ def test_plotted_band_is_the_bootstrap_interval_over_seeds(plots):
     assert "n = 3 seeds per algorithm" in p.caption
     assert "95% percentile-bootstrap confidence interval" in p.caption and "BootStrapper" in p.caption
     assert {ln.get_label() for ln in ax.get_lines()} == {"grpo (n=3)", "apo (n=3)"}
+    assert [t.get_text() for t in p.figure.legends[0].get_texts()] == ["grpo (n=3)", "apo (n=3)"]
 
 
 # ----------------------------------------------------------------------------- files
@@ -283,6 +284,174 @@ def test_report_lists_each_algorithms_recipe(sweep):
         assert f"plots/{TASK}_{stem}.png" in md and f"plots/{TASK}_{stem}.pdf" in md
         assert (sweep / "plots" / f"{TASK}_{stem}.pdf").exists()
     assert "not a confidence interval" in md and "best eval/accuracy_sampled (steps ≥ 1)" in md
+    # only keys that apply: GRPO's STCR is off (its lam is n/a), neither run's constant KL schedule
+    # takes GRPO-D's beta_min / beta_max (left out, though their stored defaults differ)
+    assert rows["`algorithm.stcr.enabled`"] == ["`False`", "`True`"]
+    assert rows["`algorithm.stcr.lam`"] == ["n/a", "`1.00001`"]
+    assert rows["`algorithm.dads.enabled`"] == ["n/a", "`True`"]
+    assert not any("schedule.beta_" in k or "explore_frac" in k for k in rows), sorted(rows)
+
+
+def test_recipe_keys_apply_by_section_switch_and_schedule():
+    flat = report.flatten(
+        OmegaConf.to_container(compose_run_config(["algorithm=grpo_d_counting", "output_dir=/tmp/x"]), resolve=True)
+    )
+    applies = {k for k in flat if report.key_applies(flat, k)}
+    # GRPO-D's schedule takes beta_min, beta_max and explore_frac, not the constant's coef
+    assert {"algorithm.kl.schedule.beta_min", "algorithm.kl.schedule.beta_max"} <= applies
+    assert "algorithm.kl.coef" not in applies and "algorithm.kl.schedule.name" in applies
+    # switched-off sections: only their switch applies
+    assert "algorithm.stcr.enabled" in applies and "algorithm.stcr.lam" not in applies
+    assert "algorithm.filter_groups.max_extra_rounds" not in applies
+    # a constant learning rate has no floor
+    assert flat["optim.scheduler"] == "constant" and "optim.min_lr_ratio" not in applies
+    assert "optim.min_lr_ratio" in {k for k in flat if report.key_applies({**flat, "optim.scheduler": "cosine"}, k)}
+
+
+# ----------------------------------------------------------------------------- the results table
+def _summary_runs(rows: dict[int, tuple[float, float]], threshold: float | None) -> list[dict]:
+    """Finished runs of algorithm "a" as table_rows reads them: seed -> (step 0, final) of the metric."""
+    out = []
+    for seed, (start, end) in rows.items():
+        d = {"eval/accuracy_sampled": start}
+        e = {"eval/accuracy_sampled": end}
+        at_start = threshold is not None and start >= threshold
+        out.append(
+            {
+                "algorithm": "a",
+                "seed": seed,
+                "status": "done",
+                "summary": {
+                    "initial": d,
+                    "final": e,
+                    "best": end,
+                    "change": end - start,
+                    "threshold_at_start": at_start,
+                    "steps_to_threshold": None if at_start or threshold is None or end < threshold else 6,
+                },
+            }
+        )
+    return out
+
+
+def test_change_from_step_0_has_a_bootstrap_interval_over_seeds():
+    starts_ends = {0: (0.2, 0.5), 1: (0.3, 0.4), 2: (0.25, 0.65), 3: (0.1, 0.3)}
+    rows = report.table_rows(_summary_runs(starts_ends, None), ["a"], "eval/accuracy_sampled", None)
+    cols = report.table_columns("eval/accuracy_sampled", None)
+    cell = rows[0][cols.index("change final − step 0 [95% CI]")]
+    diffs = np.array([e - s for s, e in starts_ends.values()])  # 0.3, 0.1, 0.4, 0.2
+    # the interval by hand: torch's generator seeded as the report seeds it, N_BOOT resamples of
+    # the 4 seeds with replacement, the 2.5% and 97.5% quantiles of the resampled means
+    torch.manual_seed(report.BOOT_SEED)
+    t = torch.tensor(diffs)
+    means = torch.stack(
+        [t[torch.multinomial(torch.ones(4), 4, replacement=True)].mean() for _ in range(report.N_BOOT)]
+    ).numpy()
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    assert cell == f"{diffs.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    assert cell.startswith("+0.250 [")
+    # one seed: the change alone; step 0 missing: no change
+    one = report.table_rows(_summary_runs({0: (0.5, 0.25)}, None), ["a"], "eval/accuracy_sampled", None)
+    assert one[0][4] == "-0.250"
+
+
+def test_steps_to_threshold_are_counted_only_for_runs_below_it_at_step_0(tmp_path):
+    d = tmp_path / "run"
+    (d / "csv").mkdir(parents=True)
+    rows = [
+        {"step": 0, "eval/step": 0, "eval/accuracy": 0.3},
+        *({"rl_step": s, "step": s - 1, "reward": 1.0} for s in range(1, 7)),
+        {"step": 2, "eval/step": 3, "eval/accuracy": 0.5},
+        {"step": 5, "eval/step": 6, "eval/accuracy": 0.7},
+    ]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(d / "csv" / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    for threshold, steps, at_start in ((0.45, 3, False), (0.7, 6, False), (0.8, None, False), (0.3, None, True)):
+        s = report.summarize_run(d, "eval/accuracy", threshold)
+        assert (s["steps_to_threshold"], s["threshold_at_start"]) == (steps, at_start), threshold
+        assert s["change"] == pytest.approx(0.4)
+    # a table of runs that started below (one reached it) and one that started above it
+    runs = _summary_runs({0: (0.2, 0.6), 1: (0.3, 0.4), 2: (0.7, 0.8)}, 0.5)
+    cell = report.table_rows(runs, ["a"], "eval/accuracy_sampled", 0.5)[0][6]
+    assert cell == "6 (1/2); at step 0 already: 1/3"
+
+
+# ----------------------------------------------------------------------------- figures for a paper
+def _constant_lr(sweep: Path, lr: float) -> None:
+    for m in sweep.glob(f"{TASK}/*/seed*/csv/metrics.csv"):
+        with open(m, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            if r.get("lr"):
+                r["lr"] = repr(lr)
+        with open(m, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def test_a_constant_is_stated_not_plotted(tmp_path):
+    sweep = make_sweep(tmp_path, {"grpo": [], "apo": ["reward=apo"]})
+    md = report.write_report(sweep, wandb_log=False).read_text()
+    assert (sweep / "plots" / f"{TASK}_lr.png").exists()  # 1e-6 x step: a schedule, drawn
+    _constant_lr(sweep, 2.85e-4)
+    md = report.write_report(sweep, wandb_log=False).read_text()
+    assert not (sweep / "plots" / f"{TASK}_lr.png").exists() and f"{TASK}_lr.png" not in md
+    assert not (sweep / "plots" / f"{TASK}_lr.pdf").exists()  # the earlier report's figure is gone too
+    assert "Constant over training in every run (not plotted): learning rate: 0.000285 for every algorithm" in md
+
+
+def test_figures_read_like_a_paper(plots):
+    """Human-readable axis labels and tick labels, the legend outside every axis, "bootstrap CI"
+    only where a band is drawn."""
+    for p in plots.values():
+        fig = p.figure
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        (legend,) = fig.legends
+        lb = legend.get_window_extent(renderer)
+        assert not any(lb.overlaps(b) for b in boxes), p.stem  # never over a curve
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            assert "/" not in ax.get_ylabel() and "_" not in ax.get_ylabel().replace("β_i", ""), ax.get_ylabel()
+            ticks = [t.get_text().replace("$\\mathdefault{", "").replace("}$", "") for t in ax.get_yticklabels()]
+            assert all(len(x.lstrip("−-")) <= 5 for x in ticks if x), (p.stem, ticks)
+    lr_ax = plots["lr"].figure.axes[0]
+    assert "10^{" in lr_ax.yaxis.get_offset_text().get_text()  # 1e-6 .. 6e-6 read as 1..6 ×10⁻⁶
+    # the learning rate is the same in every seed: no band, and the figure does not claim one
+    assert "bootstrap CI" not in plots["lr"].figure.get_suptitle()
+    assert "no band: every seed has the same values" in plots["lr"].caption
+    assert not plots["lr"].figure.axes[0].collections
+    assert "bootstrap CI" in plots["accuracy"].figure.get_suptitle()
+
+
+def test_plotting_logs_nothing_below_warning(sweep, tmp_path, caplog):
+    """matplotlib's PDF backend subsets fonts with fontTools, which logs every table at INFO:
+    hundreds of lines in a sweep's console (Hydra sets the root logger to INFO)."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    _, runs = report.collect(sweep)
+    report.plot_task(TASK, runs, ["grpo", "apo"], "eval/accuracy_sampled", tmp_path / "plots")
+    assert list((tmp_path / "plots").glob("*.pdf"))
+    noise = [r for r in caplog.records if r.name.split(".")[0] in ("fontTools", "matplotlib")]
+    assert not noise, [f"{r.name}: {r.getMessage()}" for r in noise[:3]]
+
+
+def test_each_report_logs_to_the_one_wandb_run_of_its_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = make_sweep(tmp_path, {"grpo": []})
+    for _ in range(2):
+        report.write_report(sweep, wandb_log=True)
+    runs = sorted((sweep / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs  # two reports ...
+    rid = (sweep / report.WANDB_ID_FILE).read_text().strip()
+    assert {r.name.rsplit("-", 1)[1] for r in runs} == {rid}  # ... into one W&B run (wandb sync resumes it)
 
 
 # ----------------------------------------------------------------------------- failed runs
@@ -311,8 +480,12 @@ def test_a_failed_run_records_its_own_error_and_its_console_log(tmp_path):
     with pytest.raises(Exception) as e:
         compose_run_config(bad)
     _, failed = _execute(sweep, "no_such_algorithm", [sys.executable, "-m", "framework.run", *bad])
-    assert failed["error"] == exception_message(e.value)
-    assert failed["error"].startswith("In 'config': Could not find 'algorithm/does_not_exist' (available: apo")
+    from framework.errors import one_line
+    from framework.overrides import composition_error
+
+    # the run's own `error:` line: the CLI's one line for Hydra's exception (framework.run.run_cli)
+    assert failed["error"] == one_line(composition_error(e.value, bad, "config"))
+    assert failed["error"].startswith("no config 'algorithm/does_not_exist'; options of algorithm: apo")
     assert "search path" not in failed["error"] and "provider=" not in failed["error"]
     # the report shows each error and links its console.log
     md = report.write_report(sweep, wandb_log=False).read_text()
@@ -320,7 +493,7 @@ def test_a_failed_run_records_its_own_error_and_its_console_log(tmp_path):
         "- `crash` seed 0 (failed): RuntimeError: reward worker died: exit 7 — its output: "
         f"[`{TASK}/crash/seed0/console.log`]({TASK}/crash/seed0/console.log)" in md
     )
-    assert "In 'config': Could not find 'algorithm/does_not_exist'" in md
+    assert "no config 'algorithm/does_not_exist'" in md
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def _map(ds: Dataset, fn: Callable[[dict], dict], drop: tuple[str, ...] = ()) ->
 
 
 def _column(cfg: Any, field: str, default: str) -> str:
-    fm = to_plain(cfg_get(cfg, "field_map", {})) or {}
+    fm = to_plain(cfg_get(cfg, "field_map")) or {}
     return str(fm.get(field) or default)
 
 

@@ -48,7 +48,6 @@ from framework.registry import TASKS
 
 from .schema import (
     COLUMNS,
-    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_RECORD_BYTES,
     FEATURES,
@@ -105,7 +104,7 @@ def prepare_data(
             write_report(report_path, [], errors=[str(e)])
         raise
     wanted = None if splits is None else set(splits)
-    on_invalid = str(cfg_get(cfg, "on_invalid", "skip"))
+    on_invalid = str(cfg_get(cfg, "on_invalid"))
     checked: dict[str, tuple[Dataset, ValidationReport]] = {}
     for split, ds in dsd.items():
         if wanted is not None and split not in wanted:
@@ -113,11 +112,11 @@ def prepare_data(
         checked[split] = check_split(
             ds,
             count_prompt_tokens=count_prompt_tokens,
-            max_prompt_tokens=int(cfg_get(cfg, "max_prompt_tokens", 512)),
+            max_prompt_tokens=int(cfg_get(cfg, "max_prompt_tokens")),
             on_invalid=on_invalid,
             split=split,
-            max_image_bytes=int(cfg_get(cfg, "max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)),
-            control_tokens=str(cfg_get(cfg, "control_tokens", "error")),
+            max_image_bytes=int(cfg_get(cfg, "max_image_bytes")),
+            control_tokens=str(cfg_get(cfg, "control_tokens")),
             special_tokens=special_tokens,
             max_record_bytes=int(cfg_get(cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES)),
             max_image_pixels=int(cfg_get(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
@@ -717,12 +716,12 @@ def _load_file(path: Path, split: str, cfg: Any, root: Path | None = None) -> Da
     """One data file; image paths resolve against its folder and must stay inside ``root``
     (the data folder: ``data.path``, or its folder when it is a file)."""
     kw = dict(
-        field_map=cfg_get(cfg, "field_map", {}),
-        metadata_columns=cfg_get(cfg, "metadata_columns", []),
+        field_map=cfg_get(cfg, "field_map"),
+        metadata_columns=cfg_get(cfg, "metadata_columns"),
         base_dir=path.parent,
-        default_task=str(cfg_get(cfg, "task_name", "local")),
+        default_task=str(cfg_get(cfg, "task_name") or "local"),  # null: the source's kind
         id_prefix=f"{path.stem}-{split}",
-        allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths", False)),
+        allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths")),
         root_dir=root if root is not None else path.parent,
     )
     if not path.is_file():
@@ -758,7 +757,7 @@ def load_local(cfg: Any) -> DatasetDict:
     if not path.exists():
         raise DataError(f"data.path {path} does not exist")
     base = path if path.is_dir() else path.parent
-    split_files = to_plain(cfg_get(cfg, "split_files", {})) or {}
+    split_files = to_plain(cfg_get(cfg, "split_files")) or {}
     files: dict[str, list[Path]] = {}
     if split_files:
         for split, f in split_files.items():
@@ -787,7 +786,7 @@ def load_local(cfg: Any) -> DatasetDict:
     if "test" not in out and holdout:
         holdout = float(holdout)
         holdout = holdout if holdout < 1 else int(holdout)
-        parts = out["train"].train_test_split(test_size=holdout, seed=int(cfg_get(cfg, "seed", 0)))
+        parts = out["train"].train_test_split(test_size=holdout, seed=int(cfg_get(cfg, "seed")))
         out["train"], out["test"] = parts["train"], parts["test"]
     return DatasetDict(out)
 
@@ -810,7 +809,7 @@ def load_hub(cfg: Any, preprocess: Callable[[Dataset], Dataset] | None = None) -
     revision = cfg_get(cfg, "revision")
     # a local folder laid out like a hub repo: image paths (of path-only images) stay inside it
     hub_dir = Path(str(hub_id)).expanduser().resolve() if Path(str(hub_id)).expanduser().is_dir() else None
-    splits = to_plain(cfg_get(cfg, "splits", {})) or {"train": "train", "test": "test"}
+    splits = to_plain(cfg_get(cfg, "splits")) or {"train": "train", "test": "test"}
     out = {}
     for split, spec in splits.items():
         if spec is None:
@@ -835,11 +834,11 @@ def load_hub(cfg: Any, preprocess: Callable[[Dataset], Dataset] | None = None) -
         out[split] = _from_dataset(
             ds,
             f"hub dataset '{hub_id}' split '{spec}'",
-            field_map=cfg_get(cfg, "field_map", {}),
-            metadata_columns=cfg_get(cfg, "metadata_columns", []),
+            field_map=cfg_get(cfg, "field_map"),
+            metadata_columns=cfg_get(cfg, "metadata_columns"),
             base_dir=hub_dir,
-            default_task=str(cfg_get(cfg, "task_name", hub_id)),
-            allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths", False)),
+            default_task=str(cfg_get(cfg, "task_name") or hub_id),
+            allow_absolute_paths=bool(cfg_get(cfg, "allow_absolute_paths")),
             id_prefix=f"{Path(str(hub_id)).name if Path(str(hub_id)).is_dir() else str(hub_id).replace('/', '_')}-{split}",
         )
     return DatasetDict(out)

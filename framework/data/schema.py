@@ -14,6 +14,7 @@ right option.
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import json
@@ -280,8 +281,19 @@ def empty_dataset() -> datasets.Dataset:
     return datasets.Dataset.from_dict({k: [] for k in COLUMNS}, features=FEATURES)
 
 
+def data_default(key: str) -> Any:
+    """The default of ``data.<key>`` where it is written, the typed data section
+    (framework/config.py ``DataConfig``); None for a key that is not one of its fields (a plugin
+    task's own option). A fresh copy per call (lists and dicts)."""
+    return copy.deepcopy(getattr(DataConfig(), key, None))
+
+
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` for a dict, an OmegaConf config or an attribute object; ``default`` if unset."""
+    """``cfg.key`` for a dict, an OmegaConf config or an attribute object. Unset or null: ``default``
+    when one is given, else the key's own default (:func:`data_default`): a loader called with a
+    partial config reads the same defaults as the run's typed data section."""
+    if default is None:
+        default = data_default(key)
     if cfg is None:
         return default
     try:

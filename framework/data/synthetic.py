@@ -313,19 +313,25 @@ def generate_split(
     return Dataset.from_dict(cols, features=FEATURES), keys
 
 
+TEST_SIZE = 200  # test records when data.test_size is null (DataConfig: "synthetic: null: 200")
+
+
 @TASKS.register("synthetic")
 def build(cfg: Any) -> DatasetDict:
     """Build the ``train`` and ``test`` splits from the ``data`` config (see configs/data/synthetic.yaml)."""
-    seed = int(cfg_get(cfg, "seed", 0))
+    # unset keys: their defaults in framework/config.py DataConfig (cfg_get); null kinds: all of
+    # them, null test_size: TEST_SIZE
+    seed = int(cfg_get(cfg, "seed"))
+    kinds, test_size = cfg_get(cfg, "kinds"), cfg_get(cfg, "test_size")
     common = dict(
         seed=seed,
-        difficulty=_as_list(cfg_get(cfg, "difficulty", [1]), "difficulty"),
-        kinds=_as_list(cfg_get(cfg, "kinds", list(KINDS)), "kinds"),
-        modality=str(cfg_get(cfg, "modality", "image")),
-        balanced_answers=bool(cfg_get(cfg, "balanced_answers", False)),
+        difficulty=_as_list(cfg_get(cfg, "difficulty"), "difficulty"),
+        kinds=_as_list(list(KINDS) if kinds is None else kinds, "kinds"),
+        modality=str(cfg_get(cfg, "modality")),
+        balanced_answers=bool(cfg_get(cfg, "balanced_answers")),
     )
-    test, test_keys = generate_split("test", int(cfg_get(cfg, "test_size", 200)), **common)
-    train, _ = generate_split("train", int(cfg_get(cfg, "train_size", 2000)), exclude=test_keys, **common)
+    test, test_keys = generate_split("test", int(TEST_SIZE if test_size is None else test_size), **common)
+    train, _ = generate_split("train", int(cfg_get(cfg, "train_size")), exclude=test_keys, **common)
     return DatasetDict({"train": train, "test": test})
 
 

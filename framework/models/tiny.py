@@ -56,11 +56,10 @@ def cache_root() -> Path:
 def _corpus() -> list[str]:
     """Synthetic text the tokenizer is trained on: the words the synthetic tasks, the
     R1-style system prompt and the think/answer format use, plus numbers."""
+    from framework.config import DEFAULT_SYSTEM_PROMPT
+
     words = (
-        "A conversation between User and Assistant. The assistant first thinks about the "
-        "reasoning process and then provides the answer. The reasoning process and answer are "
-        "enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-        "<think> reasoning process here </think><answer> answer here </answer>. "
+        DEFAULT_SYSTEM_PROMPT + " "
         "How many shapes are in the image? How many red green blue yellow shapes are there? "
         "What color is the shape in the top-left top-right bottom-left bottom-right cell? "
         "Are there more red shapes or blue shapes? I see I count there is are shape shapes "

@@ -10,6 +10,7 @@ leaving room for RL to improve accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -19,16 +20,13 @@ from framework.models.loading import load_model, load_model_bundle
 from framework.models.tiny import TINY_VERSION, _atomic_dir, build_tiny, cache_root, register_variant
 
 SFT_VERSION = "v1"
-DEFAULT_SYSTEM_PROMPT = None  # filled from the data config default (see configs/data/synthetic.yaml)
 
 
-def _default_data_cfg(kind: str) -> dict:
-    from omegaconf import OmegaConf
+def _default_data_cfg(kind: str):
+    """The typed ``data`` section of the default task for this model kind (framework.config.DataConfig)."""
+    from framework.config import data_section
 
-    from framework.resources import compose_config
-
-    name = "synthetic" if kind == "qwen2_5_vl" else "synthetic_text"
-    return OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True)
+    return data_section("synthetic" if kind == "qwen2_5_vl" else "synthetic_text")
 
 
 def _noisy(completion: str, record: dict, rng: random.Random, p: float) -> str:
@@ -71,14 +69,16 @@ def build_warmstarted(
 
         bundle = load_model_bundle(str(base))
         model = load_model(str(base), "float32")
-        dcfg = _default_data_cfg(kind)
-        dcfg["seed"] = seed + 1000  # a different draw from the RL train split the run uses
-        # the level drawn first, as an instruct model's data would be: the rare counts (5-9) it
-        # answers poorly are what RL on the balanced task (data.balanced_answers) teaches
-        dcfg["balanced_answers"] = False
+        dcfg = dataclasses.replace(
+            _default_data_cfg(kind),
+            seed=seed + 1000,  # a different draw from the RL train split the run uses
+            # the level drawn first, as an instruct model's data would be: the rare counts (5-9) it
+            # answers poorly are what RL on the balanced task (data.balanced_answers) teaches
+            balanced_answers=False,
+        )
         if difficulty:
-            dcfg["difficulty"] = list(difficulty)
-        ds = load_data(dcfg)["train"]
+            dcfg = dataclasses.replace(dcfg, difficulty=list(difficulty))
+        ds = load_data(dcfg.options())["train"]
         rng = random.Random(seed)
         torch.manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -91,9 +91,7 @@ def build_warmstarted(
             it = tqdm(it, desc=f"warm-start SFT of tiny {kind} (cached for later runs)")
         for _ in it:
             recs = [to_record(ds[rng.randrange(len(ds))]) for _ in range(batch_size)]
-            prompts = encode_prompts(
-                bundle, recs, dcfg.get("system_prompt"), dcfg.get("question_template", "{question}")
-            )
+            prompts = encode_prompts(bundle, recs, dcfg.system_prompt, dcfg.question_template)
             targets = [
                 tok(_noisy(reference_completion(r), r, rng, label_noise), add_special_tokens=False)["input_ids"] + [eos]
                 for r in recs
