@@ -322,8 +322,15 @@ def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
 
     plots = sorted((d / "plots").glob("*.png"))
     assert [p.name for p in plots] == sorted(
-        f"count_{s}.png" for s in ("accuracy", "reward", "reward_total", "kl_beta", "lr", "entropy", "length")
+        f"count_{s}.png" for s in ("accuracy", "reward", "reward_total", "kl_beta", "entropy", "length")
     )
+    # the smoke suite's learning rate is constant: stated, not plotted
+    assert "(not plotted): " in report and "learning rate: 0.0003 for every algorithm" in report
+    # the console shows progress and results only: no third-party logging (fontTools subsetting
+    # the PDFs' fonts wrote hundreds of [fontTools.subset][INFO] lines), nor in the sweep's run.log
+    console = p.stdout + p.stderr
+    assert "fontTools" not in console and "fontTools" not in (d / "run.log").read_text()
+    assert all(ln.startswith(("benchmarks.run:", "[", "  ")) for ln in p.stdout.splitlines() if ln.strip()), p.stdout
     for png in plots:
         assert png.stat().st_size > 1024
         assert f"plots/{png.name}" in report and png.with_suffix(".pdf").exists()
@@ -412,3 +419,282 @@ def test_launcher_configs_extend_the_plugin_configs():
         assert cfg["defaults"] == [base]
     sweeps = (ROOT / "pyproject.toml").read_text()
     assert "hydra-joblib-launcher" in sweeps and "hydra-submitit-launcher" in sweeps
+
+
+# ----------------------------------------------------------------------------- sweep bookkeeping
+# A stand-in for `framework.run` (the sweep's bookkeeping is under test, not training): it writes
+# what a run leaves (metrics, checkpoints with the real COMPLETE.json) and ends as its `+mode=`
+# says. Its overrides are the command's arguments after the program, as benchmarks.run's are.
+FAKE_RUN = r"""
+import csv, json, os, signal, sys, time
+from pathlib import Path
+
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+out = Path(args["output_dir"])
+out.mkdir(parents=True, exist_ok=True)
+steps, mode = int(args["trainer.max_steps"]), args["+mode"]
+with open(out / "argv.jsonl", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+
+
+def metrics(upto):
+    (out / "csv").mkdir(exist_ok=True)
+    rows = [{"step": 0, "eval/step": 0, "eval/accuracy": 0.5}]
+    rows += [{"rl_step": s, "step": s - 1, "reward": 1.0} for s in range(1, upto + 1)]
+    if upto == steps:
+        rows.append({"step": steps - 1, "eval/step": steps, "eval/accuracy": 0.75})
+    with open(out / "csv" / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "rl_step", "reward", "eval/step", "eval/accuracy"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def checkpoint(step, complete=True):
+    from framework.checkpoint import write_marker
+
+    d = out / "checkpoints" / f"step-{step:06d}"
+    (d / "policy").mkdir(parents=True, exist_ok=True)
+    (d / "policy" / "model.safetensors").write_bytes(b"w" * 64)
+    (d / "state.ckpt").write_bytes(b"s" * 32)
+    if complete:
+        write_marker(d)
+
+
+print("step 1/2  reward 0.500  acc 0.500", flush=True)  # progress lines: never the error
+if "resume" in args:
+    metrics(steps)
+    checkpoint(steps)
+elif mode == "ok":
+    metrics(steps)
+    checkpoint(steps)
+elif mode.startswith("final_then_"):  # the final checkpoint written, then an exit status or a signal
+    metrics(steps)
+    checkpoint(steps)
+    how = mode[len("final_then_"):]
+    if how.isdigit():
+        sys.exit(int(how))
+    os.kill(os.getpid(), getattr(signal, how))
+elif mode == "incomplete_then_75":  # preempted while writing its final checkpoint
+    metrics(steps)
+    checkpoint(steps, complete=False)
+    print("apo-rl: preempted by SIGTERM after RL step 1", flush=True)
+    sys.exit(75)
+elif mode.startswith("kill_"):
+    os.kill(os.getpid(), getattr(signal, mode[len("kill_"):]))
+elif mode == "nothing_left":  # what training answers when asked to resume a finished run
+    print("error: nothing left to train", flush=True)
+    sys.exit(2)
+elif mode == "wait_for_sigint":
+    metrics(1)
+    checkpoint(1)
+    got = []
+
+    def on_sigint(signum, frame):
+        got.append(signum)
+        with open(out / "sigint.log", "a") as f:
+            f.write("SIGINT\n")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    (out / "ready").write_text("1")
+    while not got:
+        time.sleep(0.05)
+    time.sleep(1.5)  # a second, duplicate SIGINT would arrive now
+    print("apo-rl: interrupted (Ctrl-C) after RL step 1", flush=True)
+    sys.exit(130)
+"""
+FAKE_SUITE = {"eval": {"metric": "eval/accuracy"}}
+
+
+def _fake_run(sweep: Path, algo: str, mode: str, steps: int = 2):
+    from benchmarks.run import Run
+
+    d = sweep / "count" / algo / "seed0"
+    args = [f"algorithm={algo}", f"trainer.max_steps={steps}", f"+mode={mode}", f"output_dir={d}"]
+    return Run("count", algo, 0, d, [sys.executable, "-c", FAKE_RUN, *args])
+
+
+def _execute_fake(run, **kw):
+    import threading
+
+    from benchmarks.run import execute
+
+    return execute(run, FAKE_SUITE, rerun_failed=True, print_lock=threading.Lock(), **kw)
+
+
+def _json(p: Path) -> dict:
+    return json.loads(p.read_text())
+
+
+@pytest.mark.parametrize("sig", ["SIGSEGV", "SIGKILL"])
+def test_a_run_killed_by_a_signal_is_reported_by_its_name(tmp_path, sig):
+    run = _execute_fake(_fake_run(tmp_path, "crash", f"kill_{sig}"))
+    failed = _json(run.run_dir / "FAILED.json")
+    assert run.status == "failed" and failed["error"] == f"killed by {sig}", failed
+    assert failed["returncode"] == -getattr(__import__("signal"), sig)
+    assert "step 1/2" in (run.run_dir / "console.log").read_text()  # its last line, not its error
+
+
+@pytest.mark.parametrize("mode", ["final_then_75", "final_then_143", "final_then_138", "final_then_SIGTERM"])
+def test_a_run_with_a_complete_final_checkpoint_is_done_whatever_its_exit(tmp_path, mode):
+    """Preempted during its final step (75), or signalled during the teardown after its final
+    checkpoint (143 = SIGTERM, 138 = SIGUSR1, or killed by the signal): it trained to its end."""
+    run = _execute_fake(_fake_run(tmp_path, "grpo", mode))
+    assert run.status == "done", (run.status, run.error)
+    done = _json(run.run_dir / "DONE.json")
+    assert done["summary"]["final"]["eval/accuracy"] == 0.75 and done["summary"]["eval_steps"] == [0, 2]
+    assert not (run.run_dir / "FAILED.json").exists() and not (run.run_dir / "INTERRUPTED.json").exists()
+    # its final checkpoint's write interrupted: not finished, resumed by the next sweep
+    run = _execute_fake(_fake_run(tmp_path / "b", "grpo", "incomplete_then_75"))
+    assert run.status == "interrupted" and not (run.run_dir / "DONE.json").exists()
+    assert _json(run.run_dir / "INTERRUPTED.json")["error"] == "apo-rl: preempted by SIGTERM after RL step 1"
+
+
+def test_a_recorded_interruption_with_a_complete_final_checkpoint_is_not_run_again(tmp_path):
+    """What an earlier sweep left for a run preempted in its final step: INTERRUPTED.json (or
+    FAILED.json after "nothing left to train") beside a complete final checkpoint. The sweep
+    records it as done; it neither resumes it (training would refuse) nor deletes it."""
+    from framework.checkpoint import write_marker
+
+    for marker in ("INTERRUPTED.json", "FAILED.json"):
+        run = _fake_run(tmp_path / marker, "grpo", "nothing_left")
+        d = run.run_dir
+        ck = d / "checkpoints" / "step-000002"
+        (ck / "policy").mkdir(parents=True)
+        (ck / "policy" / "model.safetensors").write_bytes(b"w" * 64)
+        write_marker(ck)
+        (d / "csv").mkdir()
+        (d / "csv" / "metrics.csv").write_text(
+            "step,rl_step,reward,eval/step,eval/accuracy\n0,,,0,0.5\n0,1,1.0,,\n1,2,1.0,,\n1,,,2,0.75\n"
+        )
+        (d / marker).write_text(
+            json.dumps({"status": marker[:-5].lower(), "returncode": 75, "command": run.command[3:]})
+        )
+        _execute_fake(run)
+        assert run.status == "done", (marker, run.status, run.error)
+        assert not (d / "argv.jsonl").exists()  # not run again
+        assert _json(d / "DONE.json")["summary"]["final"]["eval/accuracy"] == 0.75 and not (d / marker).exists()
+        assert check_complete_ok(ck)
+
+
+def check_complete_ok(ck: Path) -> bool:
+    from framework.checkpoint import check_complete
+
+    return check_complete(ck) is None
+
+
+def test_a_finished_run_is_never_deleted_when_its_command_changes(tmp_path):
+    from benchmarks.run import decide
+
+    first = _execute_fake(_fake_run(tmp_path, "grpo", "ok", steps=2))
+    assert first.status == "done"
+    before = (first.run_dir / "DONE.json").read_text()
+    changed = _fake_run(tmp_path, "grpo", "ok", steps=3)  # the same folder, another trainer.max_steps
+    dec = decide(changed, FAKE_SUITE)
+    assert (dec.action, dec.why) == ("refuse", "trainer.max_steps 2 -> 3")
+    _execute_fake(changed)  # (run_suite refuses before any run starts; execute never deletes it either)
+    assert changed.status == "failed" and (first.run_dir / "DONE.json").read_text() == before
+    # replace=true: run again, the finished folder kept beside it, renamed
+    _execute_fake(_fake_run(tmp_path, "grpo", "ok", steps=3), replace=True)
+    kept = list(first.run_dir.parent.glob("seed0.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "DONE.json").read_text() == before
+    assert (kept[0] / "checkpoints" / "step-000002" / "COMPLETE.json").exists()
+    assert _json(first.run_dir / "DONE.json")["command"][1] == "trainer.max_steps=3"
+
+
+DRIVER = r"""
+import json, sys
+from pathlib import Path
+from benchmarks.run import Run, run_all
+
+spec = json.loads(sys.argv[1])
+runs = [Run("count", algo, 0, Path(d), cmd) for algo, d, cmd in spec]
+run_all(runs, {"eval": {"metric": "eval/accuracy"}, "jobs": 1})
+print(json.dumps([[r.name, r.status, r.error] for r in runs]))
+"""
+
+
+def test_ctrl_c_interrupts_the_running_run_once_and_the_next_sweep_resumes_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    first = _fake_run(tmp_path, "first", "wait_for_sigint")
+    second = _fake_run(tmp_path, "second", "ok")
+    spec = json.dumps([[r.algorithm, str(r.run_dir), r.command] for r in (first, second)])
+    # the sweep in its own process group, as a shell starts it: Ctrl-C signals that whole group
+    p = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, spec],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    t0 = time.monotonic()
+    while not (first.run_dir / "ready").exists():
+        assert p.poll() is None and time.monotonic() - t0 < 300, p.communicate()
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    status = json.loads(out.strip().splitlines()[-1])
+    assert status == [
+        ["count/first/seed0", "interrupted", "interrupted by SIGINT (Ctrl-C) to the sweep"],
+        ["count/second/seed0", "interrupted", "not started: SIGINT (Ctrl-C) to the sweep"],
+    ], out
+    # the run got the interrupt once (from the sweep), not also from the terminal: a second Ctrl-C
+    # would tell it to stop at once, without its checkpoint
+    assert (first.run_dir / "sigint.log").read_text() == "SIGINT\n"
+    rec = _json(first.run_dir / "INTERRUPTED.json")
+    assert rec["returncode"] == 130 and rec["command"] == first.command[3:]
+    assert not (first.run_dir / "FAILED.json").exists() and not second.run_dir.exists()
+    assert "SIGINT (Ctrl-C): passing it on to the running run(s)" in err
+    # the same sweep again: the interrupted run resumes from its checkpoint, the other one runs
+    again = subprocess.run([sys.executable, "-c", DRIVER, spec], capture_output=True, text=True, timeout=300)
+    assert [s[1] for s in json.loads(again.stdout.strip().splitlines()[-1])] == ["done", "done"], again.stderr
+    assert "count/first/seed0: interrupted before; resuming it from its last checkpoint" in again.stdout
+    argv = [json.loads(ln) for ln in (first.run_dir / "argv.jsonl").read_text().splitlines()]
+    assert len(argv) == 2 and argv[1] == [*first.command[3:], f"resume={first.run_dir}"]
+
+
+def _sweep_args(sweep: Path, *extra: str) -> list[str]:
+    return [
+        "suite=smoke",
+        f"sweep_dir={sweep}",
+        "suite.steps=2",
+        "suite.seeds=[0]",
+        "suite.algorithms=[grpo,apo]",
+        "report=false",
+        *extra,
+    ]
+
+
+def test_a_sweep_refuses_to_replace_a_finished_run_run_with_other_settings(tmp_path):
+    from benchmarks.run import plan, suite_dict
+
+    sweep = tmp_path / "sweep"
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        runs = plan(suite_dict(compose("benchmark", overrides=_sweep_args(sweep))), sweep)
+    # count/grpo/seed0 finished in an earlier sweep with suite.steps=4
+    grpo = runs[0]
+    old = [a.replace("trainer.max_steps=2", "trainer.max_steps=4") for a in grpo.command[3:]]
+    grpo.run_dir.mkdir(parents=True)
+    (grpo.run_dir / "DONE.json").write_text(json.dumps({"status": "done", "command": old, "summary": {}}))
+    (grpo.run_dir / "result.bin").write_bytes(b"r")
+    cmd = [sys.executable, "-m", "benchmarks.run", *_sweep_args(sweep)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stdout + p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "count/grpo/seed0 (trainer.max_steps 4 -> 2)" in err[0] and "replace=true" in err[0], err[0]
+    assert (grpo.run_dir / "result.bin").exists() and _json(grpo.run_dir / "DONE.json")["command"] == old
+    assert not runs[1].run_dir.exists()  # nothing started
+    # dry_run says what would happen to every run
+    dry = subprocess.run([*cmd, "dry_run=true"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    assert "[1/2] count/grpo/seed0: REFUSED: finished with another command (trainer.max_steps 4 -> 2)" in dry.stdout
+    assert "[2/2] count/apo/seed0: would run" in dry.stdout and "benchmarks.run: warning: 1 finished run" in dry.stdout
+    assert sum(" -m framework.run " in ln for ln in dry.stdout.splitlines()) == 2
+    replace = subprocess.run(
+        [*cmd, "dry_run=true", "replace=true"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert "count/grpo/seed0: would run again with the new command (replace=true" in replace.stdout, replace.stdout
