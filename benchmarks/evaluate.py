@@ -72,7 +72,7 @@ def _device(name: str):
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
-    from framework.config import ModelConfig, RolloutConfig, check_section
+    from framework.config import DataConfig, ModelConfig, RolloutConfig, check_section
     from framework.data import load_data, to_record
     from framework.data.validation import validate_records
     from framework.evaluation import Evaluator
@@ -82,11 +82,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from framework.rollout.inputs import encode_prompts
     from rewards import RewardSet
 
-    import_plugins(cfg.get("plugins") or [])
+    import_plugins(cfg.plugins)
     rollout = check_section(OmegaConf.to_container(cfg.rollout, resolve=True), RolloutConfig, "rollout")
     mcfg = check_section(OmegaConf.to_container(cfg.model, resolve=True), ModelConfig, "model")
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    task = data_cfg.get("task")
+    composed_data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = DataConfig.check_config(composed_data, "data")  # the typed section: every value read below
+    data_cfg = data.options(composed_data)  # what the loaders take (a plugin task's options kept)
+    task = data.task
     if task not in TASKS:
         TASKS.get(str(task))  # raises with the registered names
     engine_cls = ROLLOUT_ENGINES.get(rollout.engine)
@@ -113,14 +115,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         split = str(cfg.split)
         if split not in ds:
             raise ConfigError(f"split={split!r} is not in data '{task}' (splits: {list(ds)}); set split=<one of them>")
-        sysp, qt = data_cfg.get("system_prompt"), data_cfg.get("question_template", "{question}")
-        limit = cfg.get("limit")
+        sysp, qt = data.system_prompt, data.question_template
+        limit = cfg.limit
         part = ds[split] if limit is None else ds[split].select(range(min(int(limit), len(ds[split]))))
         checked, report = validate_records(
             part,
             count_prompt_tokens=lambda rec: int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1]),
-            max_prompt_tokens=int(data_cfg.get("max_prompt_tokens", 1024)),
-            on_invalid=data_cfg.get("on_invalid", "skip"),
+            max_prompt_tokens=data.max_prompt_tokens,
+            on_invalid=data.on_invalid,
             split=split,
         )  # skipped records are logged (a warning with the summary)
         records = [to_record(checked[i]) for i in range(len(checked))]
@@ -131,7 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 engine,
                 bundle,
                 rewards,
-                data_cfg,
+                data,
                 rollout,
                 pass_k=int(cfg.pass_k),
                 num_samples=cfg.num_samples,
@@ -152,7 +154,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result = {
         "checkpoint": str(cfg.checkpoint),
         "model_path": path,
-        "data": data_cfg.get("task_name") or data_cfg.get("hub_id") or task,
+        "data": data.task_name or data.hub_id or task,
         "task": task,
         "split": split,
         "num_records": len(records),
@@ -163,7 +165,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "timing_s": {"load": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)},
         "device": str(device),
     }
-    out = Path(cfg.output) if cfg.get("output") else Path(_run_dir()) / "metrics.json"
+    out = Path(cfg.output) if cfg.output else Path(_run_dir()) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if cfg.save_predictions:

@@ -9,7 +9,7 @@ allowed values. The algorithm section is validated by the algorithm's own ``Conf
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -382,7 +382,7 @@ class DataConfig:
         if self.task == "synthetic":
             self._validate_synthetic(p)
         if self.task == "local" and not self.path:
-            raise ConfigError(f"{p}.path must be set for {p}.task=local: a data file or a folder (data.path=/data/dir)")
+            raise ConfigError(f"{p}.path is not set: {p}.task=local reads a data file or a folder ({p}.path=/data/dir)")
         if self.task == "hub" and not self.hub_id:
             raise ConfigError(f"{p}.hub_id must be set for {p}.task=hub (e.g. data.hub_id=lmms-lab/MathVista)")
         for k, v in self.split_files.items():
@@ -407,6 +407,12 @@ class DataConfig:
         if self.test_size is not None and not _is_int(self.test_size):
             raise ConfigError(f"{p}.test_size={self.test_size!r} must be an integer count for {p}.task=synthetic")
 
+    def options(self, composed: Optional[dict] = None) -> dict[str, Any]:
+        """The section as the plain dict the data loaders take (``framework.data``): the validated
+        values, and a plugin task's own options (the keys of ``composed`` that are not fields)."""
+        own = asdict(self)
+        return {**{k: v for k, v in (composed or {}).items() if k not in own}, **own}
+
     @classmethod
     def check_config(cls, cfg: dict, prefix: str = "data") -> DataConfig:
         """The typed ``data`` section: :func:`check_section`, with a plugin task's own options
@@ -422,6 +428,14 @@ class DataConfig:
             check_section(mine, extra, prefix)
             cfg = {k: v for k, v in cfg.items() if k in own}
         return check_section(cfg, cls, prefix)
+
+
+def data_section(name: str) -> DataConfig:
+    """The typed ``data`` section that ``apo-rl data=<name>`` runs with (configs/data/<name>.yaml
+    over ``data/base``), checked: for the tools that load a task without a whole run config."""
+    from framework.resources import compose_config
+
+    return DataConfig.check_config(OmegaConf.to_container(compose_config([f"data={name}"]).data, resolve=True))
 
 
 def _task_options(task) -> Optional[type]:

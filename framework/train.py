@@ -67,7 +67,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 def check_early(cfg: DictConfig) -> dict[str, Any]:
     """All checks that need no model. Returns typed sections + the algorithm and rewards."""
-    import_plugins(cfg.get("plugins") or [])
+    import_plugins(cfg.get("plugins"))  # before the sections: a plugin task's options are checked with them
     sections = validate_run_config(cfg)
     from algorithms.base import build_algorithm
     from rewards import RewardSet
@@ -87,7 +87,7 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
     note = recipe_note(cfg)
     if note:  # the algorithm's published recipe, and where this run departs from it
         log.info("apo-rl: %s", note)
-    task = cfg.data.get("task")
+    task = sections["data"].task
     if task not in ("local", "hub") and task not in TASKS:
         TASKS.get(task)  # raises with the list of registered tasks
     return {"sections": sections, "algorithm": algorithm, "rewards": rewards}
@@ -175,7 +175,7 @@ def _check_device_for_model(path: str, s: dict) -> None:
         )
 
 
-def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
+def _print_memory_budget(path: str, s: dict, algorithm) -> None:
     """Print the per-device memory budget (framework/memory.py) before any weight loads."""
     from framework.memory import budget_for_run
 
@@ -189,7 +189,7 @@ def _print_memory_budget(path: str, s: dict, algorithm, cfg) -> None:
             s,
             algorithm,
             world_size=devices * t.num_nodes,
-            prompt_tokens=int(cfg.data.get("max_prompt_tokens", 1024)),
+            prompt_tokens=s["data"].max_prompt_tokens,
         )
     except Exception as e:  # an estimate must never stop a run
         log.warning("apo-rl: no memory budget (%s: %s)", type(e).__name__, e)
@@ -213,7 +213,9 @@ def train(cfg: DictConfig) -> RunResult:
     early = check_early(cfg)
     s = early["sections"]
     algorithm, rewards = early["algorithm"], early["rewards"]
-    out = Path(cfg.get("output_dir") or "outputs/run").resolve()
+    if not cfg.get("output_dir"):
+        raise ConfigError("output_dir is not set: give the run's folder, e.g. output_dir=outputs/my_run")
+    out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_resume(cfg.get("resume"), s["trainer"].strategy)
     run_config = plain(cfg)
@@ -232,12 +234,12 @@ def train(cfg: DictConfig) -> RunResult:
         from framework.models.lora import check_lora
 
         check_lora(path, s["model"].lora)
-    _print_memory_budget(path, s, algorithm, cfg)
+    _print_memory_budget(path, s, algorithm)
     bundle = load_model_bundle(path)
     # ---- data (checked record by record with the tokenizer only, before any weight loads;
     # every problem goes to <run>/data_report.jsonl; nothing dropped silently)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    sysp, qt = data_cfg.get("system_prompt"), data_cfg.get("question_template", "{question}")
+    data_cfg = s["data"].options(OmegaConf.to_container(cfg.data, resolve=True))
+    sysp, qt = s["data"].system_prompt, s["data"].question_template
 
     def count_tokens(rec: dict) -> int:
         return int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1])
@@ -321,7 +323,6 @@ def train(cfg: DictConfig) -> RunResult:
         rewards=rewards,
         engine_factory=engine_factory,
         sections=s,
-        data_cfg=data_cfg,
         eval_records=eval_records,
         extra_prompts=extra_prompts(),
         batch_sampler=sampler,

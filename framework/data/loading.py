@@ -48,7 +48,6 @@ from framework.registry import TASKS
 
 from .schema import (
     COLUMNS,
-    DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_RECORD_BYTES,
     FEATURES,
     SOURCE_KEY,
@@ -118,8 +117,8 @@ def prepare_data(
             max_image_bytes=int(cfg_get(cfg, "max_image_bytes")),
             control_tokens=str(cfg_get(cfg, "control_tokens")),
             special_tokens=special_tokens,
-            max_record_bytes=int(cfg_get(cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES)),
-            max_image_pixels=int(cfg_get(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+            max_record_bytes=int(cfg_get(cfg, "max_record_bytes")),
+            max_image_pixels=int(cfg_get(cfg, "max_image_pixels")),
         )
     reports = {split: rep for split, (_, rep) in checked.items()}
     if report_path is not None:
@@ -733,9 +732,7 @@ def _load_file(path: Path, split: str, cfg: Any, root: Path | None = None) -> Da
             raise DataError(f"{path} is not a readable parquet file ({type(e).__name__}: {e})") from e
         return _from_dataset(ds, f"{path}", **kw)
     if path.suffix in (".jsonl", ".json"):
-        return _from_rows(
-            _read_rows(path, int(cfg_get(cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES))), f"{path}", **kw
-        )
+        return _from_rows(_read_rows(path, int(cfg_get(cfg, "max_record_bytes"))), f"{path}", **kw)
     raise DataError(f"unsupported data file {path}; use one of {DATA_EXTS}")
 
 
