@@ -1,4 +1,4 @@
-"""One small generic registry, used for algorithms, rewards, rollout engines and tasks.
+"""One small generic registry, used for algorithms, rewards, rollout engines, tasks and tools.
 
 Register with a decorator::
 
@@ -125,8 +125,10 @@ ALGORITHMS = Registry("algorithm")
 REWARDS = Registry("reward")
 ROLLOUT_ENGINES = Registry("rollout_engine")
 TASKS = Registry("task")
+TOOLS = Registry("tool")  # entry-point group apo_rl.tools
 
 ALGORITHMS.set_defaults_module("algorithms")
 REWARDS.set_defaults_module("rewards")
 ROLLOUT_ENGINES.set_defaults_module("framework.rollout")
 TASKS.set_defaults_module("framework.data")
+TOOLS.set_defaults_module("tools")
