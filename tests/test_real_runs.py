@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from framework.config import SECTIONS, ConfigError
+from framework.config import ConfigError
 from framework.train import check_early, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,51 +190,4 @@ def test_precision_is_derived_from_the_dtypes_and_checked(tmp_path):
         check_early(_cfg(tmp_path, "model.master_dtype=bfloat16"))
 
 
-# ----------------------------------------------------------------------------- one source of truth
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
-
-
-def test_every_group_option_composes_and_validates(tmp_path):
-    for group in ("model", "rollout", "trainer", "logger", "algorithm", "reward", "data"):
-        for opt in _group_options(group):
-            extra = ["trainer.devices=2"] if group == "trainer" else []
-            cfg = _cfg(tmp_path, f"{group}={opt}", *extra)
-            if group == "data" and OmegaConf.is_missing(cfg.data, "path"):  # a local source: give one
-                cfg = _cfg(tmp_path, f"{group}={opt}", f"data.path={tmp_path}")
-            from framework.config import validate_run_config
-
-            validate_run_config(cfg)
-
-
-def test_no_default_is_stated_twice_with_different_values():
-    """The dataclasses are the defaults (registered as each group's ``base``). A group's
-    default YAML (the option configs/config.yaml selects) may not restate a key with another
-    value; the dataclass defaults are what the default run uses. Documented exceptions, each
-    the model's own recommendation: ``optim.lr`` follows ``model.lr``, and the tiny model's
-    config sets ``rollout.temperature`` (its flat distribution; the comment there says why)."""
-    defaults = {"model": "tiny_qwen2_5_vl", "rollout": "hf", "trainer": "default", "logger": "wandb"}
-    tiny = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "tiny_qwen2_5_vl.yaml"))
-    assert set(tiny) == {"defaults", "rollout"} and tiny["rollout"] == {"temperature": 0.7}, tiny
-    for group, opt in defaults.items():
-        text = OmegaConf.load(ROOT / "configs" / group / f"{opt}.yaml")
-        stated = {k: v for k, v in OmegaConf.to_container(text).items() if k != "defaults"}
-        if group == "model":  # a global package: its own keys under model:, the exception above
-            stated = stated.get("model", {})
-        base = OmegaConf.to_container(OmegaConf.structured(SECTIONS[group]))
-        for k, v in stated.items():
-            assert base.get(k) == v, (
-                f"configs/{group}/{opt}.yaml sets {k}={v!r}, the dataclass default is {base.get(k)!r}"
-            )
-    # the composed default run equals the dataclass defaults, key by key
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("config", overrides=["output_dir=/tmp/x"])
-    for group in ("model", "rollout", "trainer", "logger"):
-        base = OmegaConf.to_container(OmegaConf.structured(SECTIONS[group]))
-        if group == "rollout":
-            base["temperature"] = 0.7
-        assert OmegaConf.to_container(cfg[group]) == base, group
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    base = OmegaConf.to_container(OmegaConf.structured(SECTIONS["optim"]))
-    assert {k: v for k, v in optim.items() if k != "lr"} == {k: v for k, v in base.items() if k != "lr"}
-    assert optim["lr"] == cfg.model.lr  # the one documented exception: optim.lr follows the model's
+# one source of truth (every group option, restated defaults, code defaults): tests/test_config_sources.py
