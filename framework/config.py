@@ -9,6 +9,7 @@ allowed values. The algorithm section is validated by the algorithm's own ``Conf
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -26,6 +27,38 @@ def _choice(key: str, value: Any, allowed) -> None:
 def _positive(key: str, value, *, zero_ok: bool = False) -> None:
     if value is None or (value < 0 if zero_ok else value <= 0):
         raise ConfigError(f"{key}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _check_attn_implementation(key: str, value) -> None:
+    """transformers' attention implementations (``eager``, ``sdpa``, ``flash_attention_2``, ...;
+    a Hub kernel ``org/repo`` is passed through), checked before any model loads."""
+    if value is None or value in ("eager", "sdpa") or (isinstance(value, str) and "/" in value):
+        return
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        allowed = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    except Exception:  # pragma: no cover - an old or broken transformers: it decides when the model loads
+        return
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not an attention implementation; choose one of {', '.join(allowed)}")
+
+
+def _check_strategy(key: str, value) -> None:
+    """``fsdp`` (ours, framework/distributed.py) or a strategy name Lightning registers."""
+    if value in ("auto", "ddp", "fsdp"):
+        return
+    try:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        allowed = sorted({"auto", "fsdp", *StrategyRegistry.available_strategies()})
+    except Exception:  # pragma: no cover - Lightning decides when the trainer starts
+        return
+    if value not in allowed:
+        raise ConfigError(
+            f"{key}={value!r} is not a strategy; use auto (one device), ddp or fsdp (trainer=ddp, trainer=fsdp), "
+            "or another name Lightning registers (ddp_spawn, ddp_find_unused_parameters_true, deepspeed, ...)"
+        )
 
 
 # peft's initialisations that leave the base weights as they are (the others, pissa, olora, corda,
@@ -85,6 +118,14 @@ class LoraOptions:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{p}.dropout={self.dropout!r} must be in [0, 1)")
         _str_or_str_list(f"{p}.target_modules", self.target_modules, none_ok=False)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:  # peft matches a string as a regular expression (re.fullmatch on every module name)
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(
+                    f"{p}.target_modules={self.target_modules!r} is not a valid regular expression ({e}); give a "
+                    "regular expression, a list of module names ([q_proj,v_proj]) or all-linear"
+                ) from None
         if self.init_lora_weights not in LORA_INITS:
             raise ConfigError(
                 f"{p}.init_lora_weights={self.init_lora_weights!r} is not allowed; choose true, false, gaussian or "
@@ -112,6 +153,12 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         self.lora.validate(f"{p}.lora")
+        if self.lora.enabled and self.lora.vision and self.freeze_vision_tower:
+            raise ConfigError(
+                f"{p}.lora.vision=true trains adapters on the vision tower but {p}.freeze_vision_tower=true "
+                f"freezes it: drop one of them ({p}.lora.vision=false keeps the vision tower as it is)"
+            )
+        _check_attn_implementation(f"{p}.attn_implementation", self.attn_implementation)
         dtypes = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
         _choice(f"{p}.dtype", self.dtype, dtypes)
         _choice(f"{p}.master_dtype", self.master_dtype, dtypes)
@@ -147,6 +194,7 @@ class RolloutConfig:
                 f"{p}.group_size={self.group_size} must be >= 2 (group-relative advantages need at least 2 samples per prompt)"
             )
         _positive(f"{p}.temperature", self.temperature, zero_ok=True)
+        _positive(f"{p}.eval_temperature", self.eval_temperature, zero_ok=True)  # 0: greedy
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{p}.top_p={self.top_p} must be in (0, 1]")
         _positive(f"{p}.top_k", self.top_k, zero_ok=True)
@@ -237,6 +285,7 @@ class TrainerConfig:
 
     def validate(self, p: str) -> None:
         self.fsdp.validate(f"{p}.fsdp")
+        _check_strategy(f"{p}.strategy", self.strategy)
         if self.strategy == "fsdp" and self.precision is not None and str(self.precision) not in ("32-true", "32"):
             raise ConfigError(
                 f"{p}.precision={self.precision!r} with trainer.strategy=fsdp: keep 32-true and set the "
@@ -332,6 +381,8 @@ class DataConfig:
     system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
     question_template: str = "{question}"
     max_image_bytes: int = 64 * 2**20  # image files above this size are refused unread
+    max_record_bytes: int = 2**20  # longer records (a JSONL line, inline images included) are refused unread
+    max_image_pixels: int = 36_000_000  # larger images (width x height, read from the header) are refused undecoded
     allow_absolute_paths: bool = False  # true: image paths may be absolute or lead out of the data folder
     control_tokens: str = "error"  # chat control tokens (<|im_end|>, ...) in record text: error | escape
     # ---- synthetic (framework/data/synthetic.py)
@@ -361,6 +412,9 @@ class DataConfig:
             raise ConfigError(f"{p}.max_prompt_tokens={self.max_prompt_tokens!r} must be > 0")
         if not _is_int(self.max_image_bytes) or self.max_image_bytes <= 0:
             raise ConfigError(f"{p}.max_image_bytes={self.max_image_bytes!r} must be > 0 (bytes)")
+        for k in ("max_record_bytes", "max_image_pixels"):
+            if not _is_int(getattr(self, k)) or getattr(self, k) <= 0:
+                raise ConfigError(f"{p}.{k}={getattr(self, k)!r} must be an integer > 0")
         _choice(f"{p}.on_invalid", self.on_invalid, {"skip", "error"})
         _choice(f"{p}.control_tokens", self.control_tokens, {"error", "escape"})
         _choice(f"{p}.modality", self.modality, {"image", "text"})

@@ -23,7 +23,7 @@ plugin that cannot be imported raises :class:`PluginImportError`. Both are user 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -109,15 +109,51 @@ def _describe(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-def import_plugins(modules: Iterable[str]) -> None:
-    """Import plugin modules named in the config (``plugins=[pkg.mod, ...]``)."""
-    for mod in modules or ():
+def plugin_modules(value: Any) -> list[str]:
+    """The module names of ``plugins=``: a list of names, or one name (``plugins=my_module`` is
+    ``plugins=[my_module]``, never read character by character); anything else is a
+    :class:`ConfigError`."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    try:
+        names = list(value)
+    except TypeError:
+        names = None
+    if names is None or isinstance(value, Mapping) or not all(isinstance(m, str) and m.strip() for m in names):
+        raise ConfigError(
+            f"plugins={value!r}: give the module names to import as a list, plugins=[my_pkg.my_module,other_module]"
+        )
+    return [str(m) for m in names]
+
+
+def import_plugins(modules: Iterable[str] | str | None) -> None:
+    """Import plugin modules named in the config (``plugins=[pkg.mod, ...]`` or one name). A
+    module that cannot be found, a relative name (``.mod``) and a module that raises while it is
+    imported are each one :class:`PluginImportError` naming the module and the error."""
+    for mod in plugin_modules(modules):
+        where = f"plugin module '{mod}' (from plugins=[...])"
+        if mod.startswith(".") or not all(part.isidentifier() for part in mod.split(".")):
+            raise PluginImportError(
+                f"{where} is not an importable module name: give its absolute dotted name "
+                "(my_pkg.my_module), with its folder on PYTHONPATH"
+            )
         try:
             importlib.import_module(mod)
         except ImportError as e:
             raise PluginImportError(
-                f"plugin module '{mod}' (from plugins=[...]) could not be imported: {e}. "
-                "Check that it is installed or on PYTHONPATH."
+                f"{where} could not be imported: {e}. Check that it is installed or on PYTHONPATH."
+            ) from e
+        except Exception as e:  # the module's own code failed: name it, its error and where
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            at = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PluginImportError(
+                f"{where} raised {type(e).__name__}{': ' + msg if msg else ''} while it was imported{at}; "
+                "fix the module (APO_RL_DEBUG=1 shows the traceback)"
             ) from e
 
 

@@ -203,7 +203,14 @@ def train(cfg: DictConfig) -> RunResult:
     from framework.checkpoint import RLCheckpoint, StopTraining, plain, resolve_resume
     from framework.data import REPORT_NAME, control_token_list, prepare_data, to_record
     from framework.distributed import make_strategy
-    from framework.models.loading import DTYPES, load_model, load_model_bundle, resolve_path
+    from framework.models.loading import (
+        DTYPES,
+        check_model_options,
+        check_state_matches,
+        load_model,
+        load_model_bundle,
+        resolve_path,
+    )
     from framework.module import RLModule
     from framework.rollout.inputs import encode_prompts
 
@@ -230,6 +237,7 @@ def train(cfg: DictConfig) -> RunResult:
     # ---- model + processor
     path = resolve_path(s["model"].name_or_path)
     _check_device_for_model(path, s)
+    check_model_options(path, s["model"])  # e.g. freeze_vision_tower on a text-only model
     if s["model"].lora.enabled:  # targets, vision tower, adapter folder: checked on a meta model
         from framework.models.lora import check_lora
 
@@ -257,6 +265,11 @@ def train(cfg: DictConfig) -> RunResult:
         raise ConfigError(
             f"model.name_or_path={s['model'].name_or_path} is a text-only model and the training records have "
             "images, which it would silently drop: use a vision-language model (or data=synthetic_text)"
+        )
+    if len(splits["train"]) < s["trainer"].prompts_per_step:  # known now, before any weight loads
+        raise ConfigError(
+            f"trainer.prompts_per_step={s['trainer'].prompts_per_step} is larger than the train split "
+            f"({len(splits['train'])} valid records): lower it or give more training records"
         )
 
     # ---- policy (trained) and frozen reference
@@ -361,6 +374,8 @@ def train(cfg: DictConfig) -> RunResult:
         default_root_dir=str(out),
         use_distributed_sampler=False,
     )
+    if ckpt_path and Path(ckpt_path).is_file():  # another model's state.ckpt: one line, not Lightning's traceback
+        check_state_matches(ckpt_path, module.state_dict(), what=f"resume={cfg.get('resume')}", model=m.name_or_path)
     log.info("apo-rl: algorithm=%s model=%s outputs -> %s", cfg.algorithm.name, s["model"].name_or_path, out)
     try:
         # weights_only: a checkpoint holds tensors and plain containers, never code to run

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from framework.errors import ModelNotFoundError
+from framework.errors import ConfigError, ModelNotFoundError
 from framework.models.tiny import resolve_tiny
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "ModelBundle",
     "ModelNotFoundError",  # raised here, importable from here
     "check_model_folder",
+    "check_model_options",
+    "check_state_matches",
     "load_model",
     "load_model_bundle",
     "load_processor",
@@ -145,14 +147,41 @@ def _missing_weights(p: Path) -> str | None:
         )
     index = next((f for f in found if f.endswith(".index.json")), None)
     if index is None:
-        return None
-    shards = sorted(set(json.loads((p / index).read_text()).get("weight_map", {}).values()))
-    absent = [s for s in shards if not (p / s).exists()]
-    if absent:
-        return (
-            f"lacks the weight shard(s) {', '.join(absent)} that {index} lists: copy them from the "
-            "original model (an interrupted download or copy?)"
-        )
+        files = [f for f in found if f.endswith(".safetensors")]
+    else:
+        shards = sorted(set(json.loads((p / index).read_text()).get("weight_map", {}).values()))
+        absent = [s for s in shards if not (p / s).exists()]
+        if absent:
+            return (
+                f"lacks the weight shard(s) {', '.join(absent)} that {index} lists: copy them from the "
+                "original model (an interrupted download or copy?)"
+            )
+        files = [s for s in shards if s.endswith(".safetensors")]
+    for f in files:
+        problem = safetensors_problem(p / f)
+        if problem:
+            return f"has a damaged weight file {f}: {problem}; copy it again from the original model"
+    return None
+
+
+def safetensors_problem(f: Path) -> str | None:
+    """What is wrong with the safetensors file ``f`` judged from its header alone (no tensor is
+    read): a header that is not one, or a file shorter than the tensors it declares (a truncated
+    download or copy). None when it is whole."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size or n > 100 * 2**20:
+            return f"it is {size:,} bytes and has no valid safetensors header (truncated or not a safetensors file?)"
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its safetensors header is not valid JSON (truncated or damaged?)"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"it is {size:,} bytes but its header declares {need:,} (truncated: an interrupted download or copy?)"
     return None
 
 
@@ -294,6 +323,57 @@ def _image_only(cls):
     return ImageOnlyProcessor
 
 
+# ------------------------------------------------------------------ options against the model
+def check_model_options(path: str, m: Any) -> None:
+    """``model.*`` options that depend on the model at ``path`` (its config.json only, no
+    weight loads): ``freeze_vision_tower`` on a text-only model. One-line :class:`ConfigError`."""
+    if getattr(m, "freeze_vision_tower", False) and not _is_vl_config(path):
+        raise ConfigError(
+            f"model.freeze_vision_tower=true but model.name_or_path={m.name_or_path} is a text-only model "
+            "(no vision tower to freeze): drop model.freeze_vision_tower"
+        )
+
+
+def check_state_matches(state_path: str | Path, expected: Any, *, what: str, model: str) -> None:
+    """The weights in Lightning checkpoint ``state_path`` (``state.ckpt``) against the state dict
+    ``expected`` of the model built for the run: the same names and shapes, or one
+    :class:`ConfigError` naming the first difference (a checkpoint of another model). Read with
+    ``mmap`` (no tensor is loaded) and ``weights_only`` (no code runs). ``what``: how the user
+    named the checkpoint (``resume=...``); ``model``: the run's model."""
+    try:
+        ck = torch.load(str(state_path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            f"{what}: {state_path} cannot be read as a checkpoint ({type(e).__name__}: {msg[:200]}); "
+            "resume from another checkpoint of the run"
+        ) from None
+    sd = ck.get("state_dict") if isinstance(ck, dict) else None
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{what}: {state_path} holds no weights (no state_dict): not a checkpoint of an apo-rl run")
+    only_there = sorted(k for k in sd if k not in expected)
+    only_here = sorted(k for k in expected if k not in sd)
+    shapes = [
+        (k, tuple(sd[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    if not (only_there or only_here or shapes):
+        return
+    if shapes:
+        k, there, here = shapes[0]
+        first = f"{k} is {list(there)} there and {list(here)} here"
+    elif only_there:
+        first = f"it holds {only_there[0]}, which this model has not"
+    else:
+        first = f"it lacks {only_here[0]}"
+    counts = f"{len(shapes)} shape(s) differ, {len(only_there)} name(s) only there, {len(only_here)} only here"
+    raise ConfigError(
+        f"{what}: {state_path} holds the weights of another model than model.name_or_path={model} ({first}; "
+        f"{counts}): resume with the model (and model.lora options) it was trained with, or from a checkpoint of this run"
+    )
+
+
 # ------------------------------------------------------------------ bundle and weights
 def load_model_bundle(path: str) -> ModelBundle:
     """Tokenizer, processor and special token ids of the model at ``path``; a local folder is
@@ -352,7 +432,16 @@ def load_model(
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     cls = AutoModelForImageTextToText if _is_vl_config(path) else AutoModelForCausalLM
-    model = cls.from_pretrained(path, **kw)
+    try:
+        model = cls.from_pretrained(path, **kw)
+    except (ValueError, ImportError) as e:
+        if not (attn_implementation and attn_implementation in str(e)):
+            raise
+        msg = " ".join(str(e).split())
+        raise ConfigError(
+            f"model.attn_implementation={attn_implementation} cannot be used with {path}: {msg[:300]} "
+            "(model.attn_implementation=sdpa works everywhere)"
+        ) from e
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -364,6 +453,9 @@ def load_model(
     if freeze_vision_tower:
         vis = getattr(getattr(model, "model", model), "visual", None)
         if vis is None:
-            raise ValueError("model.freeze_vision_tower=true but the model has no vision tower")
+            raise ConfigError(
+                f"model.freeze_vision_tower=true but {path} is a text-only model (no vision tower to freeze): "
+                "drop model.freeze_vision_tower"
+            )
         vis.requires_grad_(False)
     return model
