@@ -24,6 +24,7 @@ grid and within the bounds is returned pixel for pixel.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -39,12 +40,19 @@ DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling values
 
 
+@functools.lru_cache(maxsize=1)
+def _transformers_smart_resize():
+    # imported on first use (transformers takes seconds to import): the image tools call this in
+    # their constructor, so that the import is never timed as part of a call
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers' Qwen2-VL ``smart_resize`` (the PIL image processor's copy, which needs no
     torchvision), imported here so that every caller uses one definition."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as _smart_resize
-
-    return _smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return _transformers_smart_resize()(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def resize_options(image_processor: Any) -> dict[str, int]:
@@ -119,6 +127,7 @@ class _BoxTool(Tool):
         self.factor, self.min_pixels, self.max_pixels = int(factor), int(min_pixels), int(max_pixels)
         self.min_box, self.max_aspect, self.max_scale = int(min_box), float(max_aspect), float(max_scale)
         self.resample, self.pixel_frame = resample, pixel_frame
+        _transformers_smart_resize()  # import now, not inside the first (timed) call
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """(h', w') on the processor's grid, within the pixel bounds (smart_resize)."""
