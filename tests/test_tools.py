@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 
@@ -475,6 +476,8 @@ class Garbage(Tool):
             return ToolResult(images=[Image.new("RGB", (200, 200))])
         if kind == "exit":
             raise SystemExit(3)
+        if kind == "die":
+            os._exit(1)
         return ToolResult(text=kind)
 
 
@@ -482,15 +485,21 @@ def call(name: str, **arguments) -> str:
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
 
 
-def test_runner_contains_misbehaving_tools():
+@pytest.mark.parametrize("isolate", [False, True], ids=["in_process", "isolated"])
+def test_runner_contains_misbehaving_tools(isolate):
     # 1 s: room for the 50 MB string on a loaded machine; the hang costs 1 s, not more
     cfg = ToolsConfig(
-        timeout_s=1.0, workers=4, max_calls=20, max_calls_per_turn=8, max_result_chars=100, max_image_pixels=10_000
+        isolate=isolate,
+        timeout_s=1.0,
+        workers=4 if not isolate else 2,
+        max_calls=20,
+        max_calls_per_turn=8,
+        max_result_chars=100,
+        max_image_pixels=10_000,
     )
-    runner = ToolRunner(
-        cfg, {"raises": Raises(), "hangs": Hangs(), "garbage": Garbage(), "calculator": CalculatorTool()}
-    )
+    runner = ToolRunner(cfg, {"raises": Raises, "hangs": Hangs, "garbage": Garbage, "calculator": CalculatorTool})
     try:
+        runner.start()  # the workers' start (imports) is not part of the turn's time
         completions = [
             call("raises") + call("hangs") + call("calculator", expression="6*7"),
             call("garbage", kind="str") + call("garbage", kind="huge") + call("garbage", kind="images"),
@@ -498,11 +507,13 @@ def test_runner_contains_misbehaving_tools():
             "<tool_call>{oops</tool_call>" + call("nope") + call("garbage", kind="fine"),
             "<answer>42</answer>",
         ]
-        ctxs = [ToolContext() for _ in completions]
+        if isolate:  # a crash of the process: only a worker can contain it
+            completions[4] = call("garbage", kind="die") + call("calculator", expression="2**5")
+        ctxs = [ToolContext(images=[rand_image(28, 28)]) for _ in completions]
         budgets = [ToolBudget() for _ in completions]
         t0 = time.perf_counter()
         out = runner.run_turn(completions, ctxs, budgets)
-        assert time.perf_counter() - t0 < 5.0  # the hang costs its time limit, not more
+        assert time.perf_counter() - t0 < 6.0  # the hang costs its time limit, not more
     finally:
         RELEASE.set()
     got = [[(r.status, r.model_text()[:60]) for r in o.results] for o in out]
@@ -523,12 +534,18 @@ def test_runner_contains_misbehaving_tools():
     assert got[2][2] == ("crash", "Error: 'garbage' failed: SystemExit: 3")
     assert [r.status for r in out[3].results] == ["parse_error", "parse_error", "ok"]
     assert out[3].names == [None, "nope", "garbage"]
-    assert not out[4].called and out[4].text() == ""
-    assert [b.calls for b in budgets] == [3, 3, 3, 3, 0]
     m = runner.metrics()
-    assert m["tools/raises/crash"] == 1 and m["tools/hangs/timeout"] == 1 and m["tools/calculator/calls"] == 1
-    assert m["tools/garbage/calls"] == 7 and m["tools/garbage/bad_result"] == 5 and m["tools/garbage/crash"] == 1
-    assert m["tools/(invalid)/parse_error"] == 2 and m["tools/abandoned_threads"] == 1
+    assert m["tools/raises/crash"] == 1 and m["tools/hangs/timeout"] == 1
+    assert m["tools/garbage/bad_result"] == 5 and m["tools/(invalid)/parse_error"] == 2
+    if isolate:
+        assert got[4] == [("crash", "Error: 'garbage' failed: worker died (exit code 1)"), ("ok", "32")]
+        assert m["tools/garbage/calls"] == 8 and m["tools/garbage/crash"] == 2 and m["tools/calculator/calls"] == 2
+        assert m["tools/worker_restarts"] >= 1 and m["tools/abandoned_threads"] == 0
+    else:
+        assert not out[4].called and out[4].text() == ""
+        assert m["tools/garbage/calls"] == 7 and m["tools/garbage/crash"] == 1 and m["tools/calculator/calls"] == 1
+        assert m["tools/abandoned_threads"] == 1
+    assert [b.calls for b in budgets] == [3, 3, 3, 3, 2 if isolate else 0]
     # the run goes on: the same runner serves the next turn
     out = runner.run_turn([call("calculator", expression="1+1")], [ToolContext()], [ToolBudget()])
     assert out[0].results[0].text == "2"
@@ -536,7 +553,9 @@ def test_runner_contains_misbehaving_tools():
 
 
 def test_runner_budgets_images_and_record_tools():
-    cfg = ToolsConfig(enabled=["calculator", "crop"], params={"crop": TINY}, max_calls=3, max_calls_per_turn=2)
+    cfg = ToolsConfig(
+        enabled=["calculator", "crop"], params={"crop": TINY}, max_calls=3, max_calls_per_turn=2, isolate=False
+    )
     runner = ToolRunner(cfg)
     img = rand_image(112, 112, seed=6)
     ctx = ToolContext(record={"metadata": {"tools": ["crop", "search"]}}, images=[img])
@@ -582,3 +601,10 @@ def test_runner_unknown_tool_and_bad_params():
         ToolRunner(ToolsConfig(enabled=["ocr"]))
     with pytest.raises(ConfigError, match=r"tools.params.crop.bogus: unknown parameter"):
         ToolRunner(ToolsConfig(enabled=["crop"], params={"crop": {"bogus": 1}}))
+
+    class Local(Tool):  # defined in a function: a worker process cannot import it
+        pass
+
+    with pytest.raises(ConfigError, match=r"tool 'local' \(.*<locals>.Local\) cannot be imported by a worker process"):
+        ToolRunner(ToolsConfig(), {"local": Local})
+    ToolRunner(ToolsConfig(isolate=False), {"local": Local}).close()  # in process it can run

@@ -124,10 +124,12 @@ class Tool:
         return f"{type(self).__name__}({self.name})"
 
 
-def build_tool(name: str, params: Mapping[str, Any] | None = None) -> Tool:
-    """The registered tool ``name`` built with ``params``; unknown parameters are refused with
-    the accepted ones (a ConfigError naming ``tools.params.<name>``)."""
-    cls = TOOLS.get(name)
+def build_tool(name: str, params: Mapping[str, Any] | None = None, cls: type | None = None) -> Tool:
+    """The registered tool ``name`` (or the class ``cls``, named ``name``) built with ``params``;
+    unknown parameters are refused with the accepted ones (a ConfigError naming
+    ``tools.params.<name>``)."""
+    if cls is None:
+        cls = TOOLS.get(name)
     params = dict(params or {})
     accepted = _accepted_params(cls)
     if accepted is not None:

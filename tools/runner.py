@@ -16,12 +16,17 @@ capped), which the model reads as the tool's answer, and is counted in :attr:`To
 per tool.
 
 Execution: every call goes through one handler, :class:`ToolHandler` (``item dict -> result
-dict``: the protocol of :class:`rewards.pool.WorkerPool`, whose workers build the handler once
-and serve items under a time limit). Until that pool is committed, :class:`InProcessBackend`
-serves the items in this process, one daemon thread per call; a call past ``timeout_s`` is
-answered with a timeout and its thread abandoned (it cannot be killed: a tool that never returns
-keeps a thread and, if it spins, a share of the GIL; ``stats["abandoned_threads"]``). TODO(issue
-25): run the handler in ``rewards.pool.WorkerPool`` when ``isolate`` is true.
+dict``), which also checks the result, so that a worker never sends 50 MB back. With
+``isolate: true`` (the default) it runs in :class:`rewards.pool.WorkerPool`, the reward plugins'
+pool (pebble, ``spawn``ed workers, each building the tools once from their classes'
+``"module:qualname"``): a soft time limit interrupts a call at ``timeout_s``, a worker still busy
+after a grace period, or one that dies (segfault, ``os._exit``), is replaced, its children
+killed with it, and an address-space limit bounds each worker. With ``isolate: false``,
+:class:`InProcessBackend` serves the calls in this process, in waves of ``workers`` daemon
+threads; a call past ``timeout_s`` is answered with a timeout and its thread abandoned (a thread
+cannot be killed: a tool that never returns keeps it and, if it spins, a share of the GIL;
+``tools/abandoned_threads``), and a crash of the process is not contained: for tests and
+trusted tools only.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from framework.errors import ConfigError
+from framework.registry import TOOLS
 
 from .base import Tool, ToolContext, ToolResult, build_tool
 from .config import ToolsConfig
@@ -124,13 +132,17 @@ def check_result(res: Any, cfg: ToolsConfig) -> ToolResult:
 
 class ToolHandler:
     """Serves one call: ``{"name", "arguments", "context"}`` -> ``{"status": "ok", "result":
-    ToolResult}`` (checked by :func:`check_result`, so a worker never sends 50 MB back). An
-    exception of the tool is ``{"status": "error", "error": message}``. Built once per worker
-    (or once, in process) from ``{"tools": {name: params}, "cfg": ToolsConfig}``."""
+    ToolResult}`` (checked by :func:`check_result`). An exception of the tool is ``{"status":
+    "error", "error": message}``. Built once per worker (or once, in process) from ``{"cfg":
+    ToolsConfig, "tools": {name: ("module:qualname", params)}}``, or with ready ``tools``."""
 
     def __init__(self, init: Mapping[str, Any], tools: Mapping[str, Tool] | None = None):
         self.cfg: ToolsConfig = init["cfg"]
-        self.tools = dict(tools) if tools is not None else {n: build_tool(n, p) for n, p in init["tools"].items()}
+        if tools is None:
+            from rewards.pool import resolve
+
+            tools = {n: build_tool(n, params, cls=resolve(ref)) for n, (ref, params) in init["tools"].items()}
+        self.tools = dict(tools)
 
     def __call__(self, item: Mapping[str, Any]) -> dict:
         try:
@@ -138,6 +150,27 @@ class ToolHandler:
         except Exception as e:  # noqa: BLE001 - a tool's bug is an error result, never the run's end
             return {"status": "error", "error": f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS]}
         return {"status": "ok", "result": check_result(res, self.cfg)}
+
+
+def tool_ref(cls: type, name: str) -> str:
+    """``"module:qualname"`` by which a worker process imports the tool class ``cls``; a
+    ConfigError saying what to do when it cannot."""
+    from rewards.pool import resolve
+
+    mod, qual = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+    hint = (
+        "define it at module level in an importable module (named in plugins=[...] or an entry point), "
+        "or set tools.isolate=false to run the tools in the trainer process"
+    )
+    if not mod or not qual or "<locals>" in qual or mod == "__main__":
+        raise ConfigError(f"tool '{name}' ({mod}.{qual}) cannot be imported by a worker process: {hint}")
+    try:
+        found = resolve(f"{mod}:{qual}")
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"tool '{name}': {mod}:{qual} does not import ({type(e).__name__}: {e}): {hint}") from e
+    if found is not cls:
+        raise ConfigError(f"tool '{name}': {mod}:{qual} names another object than its class: {hint}")
+    return f"{mod}:{qual}"
 
 
 class InProcessBackend:
@@ -181,24 +214,50 @@ class InProcessBackend:
 class ToolRunner:
     """The tools of a run (``cfg.enabled``, built with ``cfg.params``) and their execution.
 
-    ``tools``: ready tool objects instead of building them from the registry (tests). Use
-    :meth:`schemas` for the chat template's ``tools=``, :meth:`run_turn` once per turn."""
+    ``classes``: ``{name: Tool subclass}`` to use instead of the registry (tests); every name
+    is then offered. Use :meth:`schemas` for the chat template's ``tools=``, :meth:`run_turn`
+    once per turn, :meth:`close` at the end. With ``cfg.isolate`` the workers start on
+    :meth:`start` or the first call that runs a tool."""
 
-    def __init__(self, cfg: ToolsConfig, tools: Mapping[str, Tool] | None = None):
+    def __init__(self, cfg: ToolsConfig, classes: Mapping[str, type] | None = None):
         cfg.validate()
         self.cfg = cfg
-        if tools is None:
-            tools = {n: build_tool(n, (cfg.params or {}).get(n)) for n in cfg.enabled}
+        params = cfg.params or {}
+        if classes is None:
+            classes = {n: TOOLS.get(n) for n in cfg.enabled}
+        # built here too: parameters checked before any worker starts, schemas for the prompt
+        self.tools: dict[str, Tool] = {n: build_tool(n, params.get(n), cls=c) for n, c in classes.items()}
+        self.parameters = {n: t.parameters for n, t in self.tools.items()}
+        self.backend: Any
+        if cfg.isolate:
+            from rewards.pool import WorkerPool
+
+            init = {"cfg": cfg, "tools": {n: (tool_ref(c, n), params.get(n)) for n, c in classes.items()}}
+            self.backend = WorkerPool(
+                "tools.runner:ToolHandler",
+                init,
+                workers=cfg.workers,
+                timeout_s=cfg.timeout_s,
+                start_timeout_s=cfg.start_timeout_s,
+                memory_limit_mb=cfg.memory_limit_mb,
+                label="tools",
+            )
         else:
-            tools = dict(tools)
-            for n, t in tools.items():
-                t.name = n
-        self.tools: dict[str, Tool] = tools
-        self.parameters = {n: t.parameters for n, t in tools.items()}
-        self.handler = ToolHandler({"cfg": cfg, "tools": {}}, tools=tools)
-        # TODO(issue 25): rewards.pool.WorkerPool("tools.runner:ToolHandler", ...) when cfg.isolate
-        self.backend = InProcessBackend(self.handler, workers=cfg.workers, timeout_s=cfg.timeout_s)
+            self.backend = InProcessBackend(
+                ToolHandler({"cfg": cfg}, tools=self.tools), workers=cfg.workers, timeout_s=cfg.timeout_s
+            )
         self.stats: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("calls", *STATUSES[1:]), 0))
+
+    def start(self) -> None:
+        """Start the worker processes now (a tool that does not build there is a ConfigError
+        here, before any model loads); nothing to do in process."""
+        if self.cfg.isolate:
+            from rewards.pool import WorkerStartError
+
+            try:
+                self.backend.start()
+            except WorkerStartError as e:
+                raise ConfigError(f"tools cannot run in a worker process: {e}") from e
 
     # -- what the model is told
     def allowed(self, record: Mapping[str, Any] | None) -> list[str]:
@@ -248,12 +307,22 @@ class ToolRunner:
                 outcome.results.append(res)
         if pending:
             items = [{"name": c.name, "arguments": c.arguments, "context": contexts[t]} for t, _, c in pending]
-            for (t, slot, call), out in zip(pending, self.backend.run(items)):
+            for (t, slot, call), out in zip(pending, self._run(items)):
                 outcomes[t].results[slot] = self._result(call.name, out)
         for o in outcomes:
             for name, res in zip(o.names, o.results):
                 self._count(name, res)
         return outcomes
+
+    def _run(self, items: list[dict]) -> list[dict]:
+        if not self.cfg.isolate:
+            return self.backend.run(items)
+        from rewards.pool import WorkerStartError
+
+        try:
+            return self.backend.run(items)
+        except WorkerStartError as e:  # the tools cannot be built at all: a setup error, not a tool error
+            raise ConfigError(f"tools cannot run in a worker process: {e}") from e
 
     def _result(self, name: str, out: Mapping[str, Any]) -> ToolResult:
         status = out.get("status")
@@ -261,6 +330,8 @@ class ToolRunner:
             return out["result"]
         if status == "timeout":
             return ToolResult.fail(f"'{name}' did not answer within {self.cfg.timeout_s:g}s", status="timeout")
+        if status == "skipped":  # not run (the pool stopped early); not expected without a stop rule
+            return ToolResult.fail(f"'{name}' was not run", status="crash")
         return ToolResult.fail(f"'{name}' failed: {out.get('error', status)}", status="crash")
 
     def _count(self, name: str | None, res: ToolResult) -> None:
@@ -271,9 +342,10 @@ class ToolRunner:
 
     def metrics(self, prefix: str = "tools/") -> dict[str, float]:
         """The counters as flat metrics: ``tools/<tool>/<calls|error|timeout|...>``, and
-        ``tools/abandoned_threads``."""
+        ``tools/abandoned_threads`` (in process), ``tools/worker_restarts`` (isolated)."""
         m = {f"{prefix}{n}/{k}": float(v) for n, s in sorted(self.stats.items()) for k, v in s.items()}
         m[f"{prefix}abandoned_threads"] = float(getattr(self.backend, "abandoned", 0))
+        m[f"{prefix}worker_restarts"] = float(getattr(self.backend, "restarts", 0))
         return m
 
     def close(self) -> None:
@@ -285,4 +357,4 @@ class ToolRunner:
                 log.exception("tool '%s': close() failed", t.name)
 
 
-__all__ = ["InProcessBackend", "ToolBudget", "ToolHandler", "ToolRunner", "TurnOutcome", "check_result"]
+__all__ = ["InProcessBackend", "ToolBudget", "ToolHandler", "ToolRunner", "TurnOutcome", "check_result", "tool_ref"]
