@@ -109,6 +109,11 @@ def test_crop_resizes_onto_the_processor_grid():
 def test_crop_processor_frame_and_resize_options(vl_bundle):
     opts = resize_options(vl_bundle.processor.image_processor)
     assert opts == TINY
+    # the runner gives the model's processor bounds to the tools that take them; the config wins
+    cfg = ToolsConfig(enabled=["crop", "zoom", "calculator"], params={"zoom": {"max_pixels": 3136}}, isolate=False)
+    runner = ToolRunner(cfg, image_processor=vl_bundle.processor.image_processor)
+    assert runner.params == {"crop": TINY, "zoom": {**TINY, "max_pixels": 3136}, "calculator": {}}
+    assert (runner.tools["zoom"].factor, runner.tools["zoom"].max_pixels) == (28, 3136)
     img = rand_image(448, 336, seed=3)
     src = np.asarray(img)
     # the processor shows 448 x 336 (150528 px > 50176) at beta = sqrt(448*336/50176) = 1.7321:
@@ -599,6 +604,10 @@ def test_config_errors_name_the_key(change, message):
 def test_runner_unknown_tool_and_bad_params():
     with pytest.raises(UnknownNameError, match="unknown tool 'ocr'"):
         ToolRunner(ToolsConfig(enabled=["ocr"]))
+    # one tool name in a record's metadata is that tool, not its letters
+    r = ToolRunner(ToolsConfig(enabled=["calculator", "crop"], isolate=False))
+    assert r.allowed({"metadata": {"tools": "crop"}}) == ["crop"] and r.allowed({"metadata": {"tools": []}}) == []
+    assert r.allowed({"id": 1}) == ["calculator", "crop"]
     with pytest.raises(ConfigError, match=r"tools.params.crop.bogus: unknown parameter"):
         ToolRunner(ToolsConfig(enabled=["crop"], params={"crop": {"bogus": 1}}))
 

@@ -42,9 +42,10 @@ from typing import Any
 from framework.errors import ConfigError
 from framework.registry import TOOLS
 
-from .base import Tool, ToolContext, ToolResult, build_tool
+from .base import Tool, ToolContext, ToolResult, _accepted_params, build_tool
 from .config import ToolsConfig
 from .format import ToolCall, ToolCallError, parse_tool_calls, tool_message, tool_turn_text
+from .image import resize_options
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +216,34 @@ class ToolRunner:
     """The tools of a run (``cfg.enabled``, built with ``cfg.params``) and their execution.
 
     ``classes``: ``{name: Tool subclass}`` to use instead of the registry (tests); every name
-    is then offered. Use :meth:`schemas` for the chat template's ``tools=``, :meth:`run_turn`
+    is then offered. ``image_processor``: the model's (Qwen2-VL-style) image processor; its grid
+    and pixel bounds (:func:`tools.image.resize_options`) become the default ``factor``,
+    ``min_pixels``, ``max_pixels`` of every tool that takes them, so crops come back at a
+    resolution that processor accepts unchanged. Use :meth:`schemas` for the chat template's ``tools=``, :meth:`run_turn`
     once per turn, :meth:`close` at the end. With ``cfg.isolate`` the workers start on
     :meth:`start` or the first call that runs a tool."""
 
-    def __init__(self, cfg: ToolsConfig, classes: Mapping[str, type] | None = None):
+    def __init__(
+        self,
+        cfg: ToolsConfig,
+        classes: Mapping[str, type] | None = None,
+        *,
+        image_processor: Any = None,
+    ):
         cfg.validate()
         self.cfg = cfg
-        params = cfg.params or {}
         if classes is None:
             classes = {n: TOOLS.get(n) for n in cfg.enabled}
+        params = {n: dict((cfg.params or {}).get(n) or {}) for n in classes}
+        if image_processor is not None:
+            # the model's processor grid and pixel bounds, for every tool whose constructor takes
+            # them (crop, zoom, plugins with the same parameters); tools.params.<name> overrides
+            grid = resize_options(image_processor)
+            for n, c in classes.items():
+                accepted = _accepted_params(c)
+                if accepted is not None:  # a **kwargs constructor gets only what the config names
+                    params[n] = {**{k: v for k, v in grid.items() if k in accepted}, **params[n]}
+        self.params = params
         # built here too: parameters checked before any worker starts, schemas for the prompt
         self.tools: dict[str, Tool] = {n: build_tool(n, params.get(n), cls=c) for n, c in classes.items()}
         self.parameters = {n: t.parameters for n, t in self.tools.items()}
@@ -267,7 +286,8 @@ class ToolRunner:
         own = meta.get(self.cfg.record_key) if isinstance(meta, Mapping) else None
         if own is None:
             return list(self.tools)
-        return [n for n in self.tools if n in set(own)]
+        own = {own} if isinstance(own, str) else set(own)  # one name, or a list of names
+        return [n for n in self.tools if n in own]
 
     def schemas(self, record: Mapping[str, Any] | None = None) -> list[dict]:
         """The chat template's ``tools=`` for a record (all enabled tools without one)."""
