@@ -411,6 +411,8 @@ def test_tool_turn_text_continues_the_conversation(vl_bundle):
         "\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>Region [0, 0, 56, 56].\n"
         "</tool_response>\n<tool_response>\n5\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     )
+    embedded = [tool_message(r, embed_images=True) for r in results]
+    assert embedded[0]["content"][0]["image"] is results[0].images[0] and tool_turn_text(embedded) == suffix
     assert tool_turn_text([ToolResult.fail("boom")]) == (
         "\n<|im_start|>user\n<tool_response>\nError: boom\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     )

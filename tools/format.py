@@ -203,11 +203,15 @@ def _snippet(text: str) -> str:
     return text if len(text) <= MAX_ERROR_SNIPPET else text[:MAX_ERROR_SNIPPET] + "..."
 
 
-def tool_message(result: ToolResult, name: str | None = None) -> dict:
+def tool_message(result: ToolResult, name: str | None = None, *, embed_images: bool = False) -> dict:
     """A result as a ``tool`` message: its images (one ``{"type": "image"}`` placeholder each, in
     order, before the text) and its text (``"Error: ..."`` for an error). ``name``: the tool's,
-    kept for logs (the template does not render it)."""
-    content: list[dict] = [{"type": "image"} for _ in result.images]
+    kept for logs (the template does not render it). ``embed_images``: each placeholder carries
+    its PIL image (``{"type": "image", "image": im}``), for a processor's ``apply_chat_template``
+    that loads the images from the messages; the rendered text is the same."""
+    content: list[dict] = [
+        {"type": "image", "image": im} if embed_images else {"type": "image"} for im in result.images
+    ]
     text = result.model_text()
     if text or not content:
         content.append({"type": "text", "text": text})
