@@ -381,6 +381,28 @@ def test_template_renders_tools_with_jinja2(trim):
     )
 
 
+def test_template_edge_cases():
+    # system content as a list, an assistant turn with calls only, arguments as a JSON string
+    # (OpenAI wire format) and a call without the {"function": ...} wrapper, a tool turn last
+    msgs = [
+        {"role": "system", "content": [{"type": "text", "text": "Sys."}]},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "calc", "arguments": '{"expression": "1"}'}]},
+        {"role": "tool", "content": "1"},
+    ]
+    out = render(msgs, [{"type": "function", "function": {"name": "calc"}}], add_generation_prompt=True)
+    assert out == (
+        "<|im_start|>system\nSys.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "calc"}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+        'XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nQ<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "calc", "arguments": {"expression": "1"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n1\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_template_with_the_tiny_tokenizer(vl_bundle):
     from framework.models.tiny import CHAT_TEMPLATE
 

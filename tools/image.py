@@ -148,7 +148,10 @@ class _BoxTool(Tool):
         else:
             fw, fh = float(width), float(height)
             if self.pixel_frame == "processor":  # the model's frame: the image as the processor resized it
-                fh, fw = (float(v) for v in self.target_size(height, width))
+                try:
+                    fh, fw = (float(v) for v in self.target_size(height, width))
+                except ValueError as e:  # smart_resize refuses an image with aspect ratio >= 200
+                    raise ToolArgumentError(f"image {width}x{height} has no processor frame: {e}") from None
             if min(x1, y1) < 0.0 or x2 > fw or y2 > fh:
                 raise ToolArgumentError(
                     f"pixel bbox {arguments['bbox']} lies outside the image ({int(fw)}x{int(fh)} pixels, width x height)"
