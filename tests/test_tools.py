@@ -641,3 +641,16 @@ def test_runner_unknown_tool_and_bad_params():
     with pytest.raises(ConfigError, match=r"tool 'local' \(.*<locals>.Local\) cannot be imported by a worker process"):
         ToolRunner(ToolsConfig(), {"local": Local})
     ToolRunner(ToolsConfig(isolate=False), {"local": Local}).close()  # in process it can run
+
+
+def test_config_merges_as_a_typed_section():
+    """ToolsConfig works as a section of the run's config (framework.config.check_section, the
+    path SECTIONS take): values typed, unknown keys and bad values named."""
+    from framework.config import check_section
+
+    t = check_section({"enabled": ["zoom"], "params": {"zoom": {"max_scale": 3}}, "timeout_s": 2}, ToolsConfig, "tools")
+    assert isinstance(t, ToolsConfig) and t.enabled == ["zoom"] and t.timeout_s == 2.0 and t.max_calls == 4
+    with pytest.raises(ConfigError, match="unknown key 'tools.enabeld'; did you mean 'tools.enabled'"):
+        check_section({"enabeld": []}, ToolsConfig, "tools")
+    with pytest.raises(ConfigError, match="tools.params.crop: 'crop' is not in tools.enabled"):
+        check_section({"enabled": ["zoom"], "params": {"crop": {}}}, ToolsConfig, "tools")
