@@ -91,6 +91,14 @@ def _reaches_base(group: str, name: str, chain=()) -> bool:
 
 
 # ----------------------------------------------------------------------------- YAMLs
+def test_every_group_of_the_run_config_is_covered():
+    """A new config group (a folder of configs/ or a base option) joins TYPED_GROUPS, so the
+    checks below cover it. Not run-config groups: experiment (whole recipes, checked apart),
+    hydra (Hydra's own) and suite (benchmark sweeps, configs/benchmark.yaml)."""
+    folders = {p.name for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_")}
+    assert (folders - {"experiment", "hydra", "suite"}) | set(base_options()) == set(TYPED_GROUPS)
+
+
 @pytest.mark.parametrize("group", TYPED_GROUPS)
 def test_every_group_option_composes_and_passes_the_start_checks(group, tmp_path):
     from framework.train import check_early
