@@ -39,7 +39,7 @@ def _run(args, cwd, env=None, timeout=300):
 def _shadow_folder(tmp_path: Path) -> Path:
     """A user's project folder with packages named like ours that would break everything if
     they were imported."""
-    for pkg in ("framework", "benchmarks", "rewards", "algorithms"):
+    for pkg in ("framework", "benchmarks", "rewards", "algorithms", "tools"):
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("raise SystemExit('SHADOWED: the user folder was imported')\n")
         (tmp_path / pkg / "run.py").write_text("raise SystemExit('SHADOWED: the user folder was imported')\n")
@@ -74,7 +74,15 @@ def test_the_wheel_carries_every_config_and_the_commands(wheel):
         "apo-rl-eval = benchmarks.evaluate:cli",
     ):
         assert line in text
-    for pkg in ("framework/data/", "framework/models/", "framework/rollout/", "algorithms/", "rewards/", "benchmarks/"):
+    for pkg in (
+        "framework/data/",
+        "framework/models/",
+        "framework/rollout/",
+        "algorithms/",
+        "rewards/",
+        "benchmarks/",
+        "tools/",
+    ):
         assert any(n.startswith(pkg) and n.endswith(".py") for n in names), pkg
 
 
@@ -205,3 +213,16 @@ def test_no_code_finds_configs_through_the_source_tree():
         text=True,
     )
     assert r.stdout == "", r.stdout
+
+
+def test_every_package_of_the_repository_is_installed():
+    """A new subpackage that pyproject.toml does not list would be missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in ROOT.rglob("__init__.py")
+        if p.parent.relative_to(ROOT).parts[0] not in ("tests", "examples", "configs", "build", ".venv", ".cache")
+    }
+    assert found | {"framework.configs"} == listed
