@@ -6,11 +6,13 @@ writes
 
 * ``<sweep_dir>/report.md``: per task, a table with mean ± sd over seeds per algorithm of the
   initial, final and best held-out accuracy (``suite.eval.metric``; "best" and "steps to
-  ``suite.eval.threshold``" over the trained steps only, step 0 excluded), the final greedy
-  accuracy, the response length and the KL (means over the last 10% of the training steps);
-  each algorithm's recipe (the config keys whose values differ between the compared runs, the
-  reward weights, where a run departs from the published recipe); failed runs with their own
-  error and a link to their ``console.log``; the figures with captions;
+  ``suite.eval.threshold``" over the trained steps only, step 0 excluded, and no step count
+  for a run already at the threshold at step 0), the change final − step 0 with its bootstrap
+  confidence interval over seeds, the final greedy accuracy, the response length and the KL
+  (means over the last 10% of the training steps); each algorithm's recipe (the config keys
+  that apply and whose values differ between the compared runs, the reward weights, where a
+  run departs from the published recipe); failed runs with their own error and a link to their
+  ``console.log``; the values that stayed constant (not plotted); the figures with captions;
 * ``<sweep_dir>/plots/<task>_<figure>.{png,pdf,csv}``: the figures at paper size (3.5 in one
   column or 7 in full width, 300 dpi PNG and a vector PDF) and the plotted numbers. One line
   per algorithm (mean over seeds; its own colour, dash pattern and marker, so overlapping
@@ -19,8 +21,11 @@ writes
   component (``rewards/<name>/mean``, unweighted), the weighted total in its own figure whose
   title says when the weights differ between algorithms; schedules (β, learning rate) and
   evaluations raw, noisy batch statistics as a trailing rolling mean (the caption says which);
-* a W&B run (offline by default) in the sweep's group with the tables (``wandb.Table``) and the
-  plots (``wandb.Image``).
+  human-readable axis labels, one legend below the panels; a panel that is flat for every
+  algorithm is not drawn (the report states its value);
+* one W&B run per sweep (offline by default; its id kept in ``wandb_report_id.txt``, so a
+  re-report continues it) in the sweep's group with the tables (``wandb.Table``) and the plots
+  (``wandb.Image``).
 
 Metrics come from Lightning's CSV log: training rows are keyed by the RL step (``rl_step``,
 1..N), held-out evaluations by ``eval/step`` (the RL step they were made at: 0 = before any

@@ -527,7 +527,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
         return run
     command = run.command
     if dec.action == "resume":  # continue it from its newest complete checkpoint, into the same folder
-        (run.run_dir / INTERRUPTED).unlink()
+        (run.run_dir / INTERRUPTED).unlink(missing_ok=True)  # (a sweep killed while it ran left STARTED.json)
         command = [*run.command, f"resume={run.run_dir}"]
         say("interrupted before; resuming it from its last checkpoint")
     else:
@@ -584,13 +584,14 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     (run.run_dir / STARTED).unlink(missing_ok=True)
     text = (run.run_dir / LOG).read_text(encoding="utf-8", errors="replace")
     ev = s.get("eval") or {}
+    unreadable = None  # exit status 0 without readable metrics: failed
     if rc == 0:
         try:
             run.summary = summarize_run(
                 run.run_dir, metric=ev.get("metric", "eval/accuracy"), threshold=ev.get("threshold")
             )
         except Exception as e:  # noqa: BLE001 - a run without metrics counts as failed
-            rc, text = -1000, f"error: the run finished but its metrics could not be read: {e}"
+            unreadable = f"the run finished but its metrics could not be read: {e}"
     elif (summary := finished_by_checkpoint(run, s, args)) is not None:
         # preempted during its final step, or signalled during the teardown after its final
         # checkpoint: it trained to its end, and its final checkpoint and metrics are there
@@ -598,9 +599,9 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
         _record_done(run, args, note=f"exit status {rc} after its complete final checkpoint")
         say(f"exit status {rc}, but its final checkpoint is complete: recorded as done")
         return run
-    if rc == 0:
+    if rc == 0 and unreadable is None:
         _record_done(run, args)
-    elif rc is not None and (rc in (EXIT_PREEMPTED, EXIT_SIGINT) or _STOP.is_set()):
+    elif rc and (rc in (EXIT_PREEMPTED, EXIT_SIGINT) or _STOP.is_set()):
         # preempted or interrupted (it wrote a checkpoint of its last step): the next sweep resumes it
         if _STOP.is_set():
             killed = exit_description(rc)
@@ -615,10 +616,8 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
         run.status = "failed"
         if rc is None:
             run.error = f"timed out after {timeout} s"
-        elif rc == -1000:
-            run.error = error_message(text)
         else:
-            run.error = exit_description(rc) or error_message(text)
+            run.error = unreadable or exit_description(rc) or error_message(text)
         _write_json(
             run.run_dir / FAILED,
             {
@@ -626,7 +625,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
                 "task": run.task,
                 "algorithm": run.algorithm,
                 "seed": run.seed,
-                "returncode": rc if rc != -1000 else 0,
+                "returncode": rc,
                 "error": run.error,
                 "log": str(run.run_dir / LOG),
                 "wall_s": round(run.wall_s, 1),

@@ -698,3 +698,81 @@ def test_a_sweep_refuses_to_replace_a_finished_run_run_with_other_settings(tmp_p
         [*cmd, "dry_run=true", "replace=true"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert "count/grpo/seed0: would run again with the new command (replace=true" in replace.stdout, replace.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_sweep_records_the_run_interrupted_and_resumes_it(tmp_path):
+    import csv
+    import os
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "suite=smoke",
+        f"sweep_dir={sweep}",
+        "suite.steps=4",
+        "suite.seeds=[0]",
+        "suite.algorithms=[grpo]",
+        "suite.jobs=1",
+        "suite.eval.every=0",
+        "suite.eval.size=4",
+        "suite.eval.pass_k=1",
+        "suite.eval.samples=1",
+        "report=false",
+        'suite.overrides=["model=tiny_qwen2_5_vl","trainer.accelerator=cpu","trainer.prompts_per_step=4",'
+        '"rollout.group_size=4","rollout.max_new_tokens=16","+reward.components.accuracy.workers=0",'
+        '"trainer.save_every=1"]',
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    run = sweep / "count" / "grpo" / "seed0"
+
+    def steps() -> list[float]:
+        f = run / "csv" / "metrics.csv"
+        if not f.exists():
+            return []
+        with open(f, newline="") as fh:
+            return [float(r["rl_step"]) for r in csv.DictReader(fh) if r.get("reward")]
+
+    p = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    t0 = time.monotonic()
+    while len(steps()) < 2:  # a checkpoint (save_every=1) exists once step 2 is logged
+        assert p.poll() is None and time.monotonic() - t0 < 600, p.communicate()[0][-3000:]
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the sweep's terminal
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 130, out[-3000:]
+    assert "INTERRUPTED (interrupted by SIGINT (Ctrl-C) to the sweep)" in out, out[-3000:]
+    assert (run / "INTERRUPTED.json").exists() and not (run / "FAILED.json").exists()
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming it from its last checkpoint" in again.stdout
+    assert (run / "DONE.json").exists() and not (run / "INTERRUPTED.json").exists()
+    assert steps() == [1.0, 2.0, 3.0, 4.0]  # nothing lost, nothing twice
+
+
+def test_a_run_left_running_by_a_killed_sweep_is_resumed_from_its_checkpoint(tmp_path):
+    """The sweep itself killed (kill -9, a node lost) while a run ran: its STARTED.json names the
+    command; the next sweep resumes it from its newest complete checkpoint, or starts it over
+    when it has none."""
+    from benchmarks.run import decide
+    from framework.checkpoint import write_marker
+
+    run = _fake_run(tmp_path, "grpo", "ok", steps=4)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "STARTED.json").write_text(json.dumps({"status": "started", "command": run.command[3:]}))
+    assert decide(run, FAKE_SUITE).action == "run"  # no checkpoint yet: start over
+    ck = run.run_dir / "checkpoints" / "step-000002"
+    (ck / "policy").mkdir(parents=True)
+    (ck / "policy" / "model.safetensors").write_bytes(b"w")
+    write_marker(ck)
+    assert decide(run, FAKE_SUITE).action == "resume"
+    _execute_fake(run)
+    assert run.status == "done" and not (run.run_dir / "STARTED.json").exists()
+    argv = [json.loads(ln) for ln in (run.run_dir / "argv.jsonl").read_text().splitlines()]
+    assert argv == [[*run.command[3:], f"resume={run.run_dir}"]]
