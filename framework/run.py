@@ -136,7 +136,11 @@ def main(cfg: DictConfig) -> float | None:
     with user_errors():
         from framework.train import train
 
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except KeyboardInterrupt:  # Ctrl-C before training started (during training: a checkpoint, exit 130)
+            print("apo-rl: interrupted (Ctrl-C) before the first RL step: nothing to save", file=sys.stderr)
+            sys.exit(130)
     acc = result.metric("eval/accuracy")
     return acc[-1] if acc else None
 
