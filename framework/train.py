@@ -269,7 +269,7 @@ def train(cfg: DictConfig) -> RunResult:
     if len(splits["train"]) < s["trainer"].prompts_per_step:  # known now, before any weight loads
         raise ConfigError(
             f"trainer.prompts_per_step={s['trainer'].prompts_per_step} is larger than the train split "
-            f"({len(splits['train'])} valid records): lower it or give more training records"
+            f"({len(splits['train'])} records)"
         )
 
     # ---- policy (trained) and frozen reference

@@ -181,11 +181,11 @@ def test_freeze_vision_tower_on_a_text_model(tmp_path, capsys, tiny_text_path, n
 def test_prompts_per_step_larger_than_the_train_split_before_the_weights(tmp_path, no_weight_loading):
     data = write_local_data(tmp_path / "data", 3)
     args = ["data=local", f"data.path={data}", "trainer.prompts_per_step=4"]
-    needle = "trainer.prompts_per_step=4 is larger than the train split (3 valid records)"
+    needle = "trainer.prompts_per_step=4 is larger than the train split (3 records)"
     assert_one_error(run_cli(tmp_path, *args), needle)
     from framework.train import train
 
-    with pytest.raises(ConfigError, match=r"prompts_per_step=4 is larger than the train split \(3 valid records\)"):
+    with pytest.raises(ConfigError, match=r"prompts_per_step=4 is larger than the train split \(3 records\)"):
         train(cfg_for(tmp_path, *args))
     assert (tmp_path / "run" / "data_report.jsonl").exists()  # the data were checked, then the run stopped
 
