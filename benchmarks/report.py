@@ -739,8 +739,9 @@ def _flat(vals, tol: float = 1e-9) -> bool:
 
 
 def _is_constant(c: Curve) -> bool:
-    """The curve is one value at every step (a flat line)."""
-    return _flat(c.mean)
+    """The curve is one value at every step (a flat line), its band too (the seeds do not move
+    in opposite directions under a flat mean)."""
+    return _flat(c.mean) and (c.low is None or (_flat(c.low) and _flat(c.high)))
 
 
 def _no_band(c: Curve) -> bool:

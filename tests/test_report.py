@@ -380,13 +380,15 @@ def test_steps_to_threshold_are_counted_only_for_runs_below_it_at_step_0(tmp_pat
 
 
 # ----------------------------------------------------------------------------- figures for a paper
-def _constant_lr(sweep: Path, lr: float) -> None:
+def _set_lr(sweep: Path, lr) -> None:
+    """Rewrite every run's lr column: ``lr(seed, rl_step)``."""
     for m in sweep.glob(f"{TASK}/*/seed*/csv/metrics.csv"):
+        seed = int(m.parent.parent.name[4:])
         with open(m, newline="") as f:
             rows = list(csv.DictReader(f))
         for r in rows:
             if r.get("lr"):
-                r["lr"] = repr(lr)
+                r["lr"] = repr(lr(seed, int(float(r["rl_step"]))))
         with open(m, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
@@ -397,11 +399,15 @@ def test_a_constant_is_stated_not_plotted(tmp_path):
     sweep = make_sweep(tmp_path, {"grpo": [], "apo": ["reward=apo"]})
     md = report.write_report(sweep, wandb_log=False).read_text()
     assert (sweep / "plots" / f"{TASK}_lr.png").exists()  # 1e-6 x step: a schedule, drawn
-    _constant_lr(sweep, 2.85e-4)
+    _set_lr(sweep, lambda seed, step: 2.85e-4)
     md = report.write_report(sweep, wandb_log=False).read_text()
     assert not (sweep / "plots" / f"{TASK}_lr.png").exists() and f"{TASK}_lr.png" not in md
     assert not (sweep / "plots" / f"{TASK}_lr.pdf").exists()  # the earlier report's figure is gone too
     assert "Constant over training in every run (not plotted): learning rate: 0.000285 for every algorithm" in md
+    # a flat mean of seeds that move (one up, one down): not a constant, drawn with its band
+    _set_lr(sweep, lambda seed, step: 2.85e-4 + (seed - 1) * 1e-6 * step)
+    md = report.write_report(sweep, wandb_log=False).read_text()
+    assert (sweep / "plots" / f"{TASK}_lr.png").exists() and "learning rate: 0.000285" not in md
 
 
 def test_figures_read_like_a_paper(plots):
