@@ -107,10 +107,14 @@ def test_killed_apo_run_resumes_as_the_same_run(tmp_path):
     assert "trainer.max_steps" not in out.split("stored run")[1].split("Only")[0]  # max_steps may change
     assert time.time() - t0 < 60
 
-    # resuming a finished run says so and exits non-zero
+    # resuming a finished run (its final checkpoint) says it is complete, in one line, exit 0
     done = _cli("resume=run", cwd=tmp_path)
     out, _ = done.communicate(timeout=120)
-    assert done.returncode == 2 and "nothing left to train" in out
+    assert done.returncode == 0 and "is complete: checkpoint" in out and "error" not in out, out[-3000:]
+    # asking for fewer steps than it has is a mistake: exit 2
+    less = _cli("resume=run", "trainer.max_steps=3", cwd=tmp_path)
+    out, _ = less.communicate(timeout=120)
+    assert less.returncode == 2 and "nothing left to train" in out
 
 
 def _fake_checkpoint(d: Path, *, complete: bool):
