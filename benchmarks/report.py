@@ -433,6 +433,12 @@ def weights_by_algorithm(runs: list[dict], algorithms: list[str]) -> dict[str, l
     return out
 
 
+NOT_COMPARABLE = (
+    " The reward weights differ between the algorithms: their totals are not comparable; compare the"
+    " components (the per-component figure)."
+)
+
+
 def total_reward_note(weights: dict[str, list[dict[str, float] | None]]) -> tuple[bool, str]:
     """``(differ, note)`` for the title of the total-reward plot."""
     known = {a: [w for w in ws if w is not None] for a, ws in weights.items()}
@@ -444,7 +450,7 @@ def total_reward_note(weights: dict[str, list[dict[str, float] | None]]) -> tupl
             if ws:
                 groups.setdefault(" / ".join(dict.fromkeys(weights_text(w) for w in ws)), []).append(a)
         per = "; ".join(f"{', '.join(algos)}: {text}" for text, algos in groups.items())
-        return True, f"WEIGHTS DIFFER between algorithms ({per}): not comparable, compare the components"
+        return True, f"WEIGHTS DIFFER ({per})"
     if unknown:
         return False, f"reward weights unknown for {', '.join(unknown)}"
     if distinct:
@@ -818,7 +824,7 @@ def plot_task(
             stale.unlink(missing_ok=True)  # an earlier report's figure that this one does not draw
         if not drawn:
             continue
-        title = f"{task}: {spec.title}"
+        title, differ = f"{task}: {spec.title}", False
         if spec.stem == "reward_total":
             differ, note = total_reward_note(weights)
             if note:
@@ -900,7 +906,7 @@ def plot_task(
                 pdf,
                 data,
                 title,
-                caption(title, drawn, ns, same),
+                caption(title, drawn, ns, same) + (NOT_COMPARABLE if spec.stem == "reward_total" and differ else ""),
                 fig if keep_figures else None,
             )
         )

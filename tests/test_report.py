@@ -170,7 +170,7 @@ def test_total_reward_title_says_the_weights_differ(plots, tmp_path):
     title = plots["reward_total"].title
     assert "WEIGHTS DIFFER" in title, title
     assert "grpo: 1 accuracy + 1 format" in title and "apo: 1 accuracy + 0.5 format" in title
-    assert title in plots["reward_total"].caption
+    assert title in plots["reward_total"].caption and "totals are not comparable" in plots["reward_total"].caption
     assert title.split(" — ")[0] in plots["reward_total"].figure.get_suptitle()
     # the same weights: the title states them once, no warning
     same = make_sweep(tmp_path, {"grpo": [], "dr_grpo": []})
