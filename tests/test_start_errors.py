@@ -29,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
 
 
-def run_cli(tmp_path: Path, *args: str, pythonpath: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    tmp_path: Path, *args: str, pythonpath: str = "", max_steps: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("APO_RL_DEBUG", "HYDRA_FULL_ERROR")}
     env.update(
         PYTHONPATH=os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p), WANDB_MODE="offline", HF_HUB_OFFLINE="1"
     )
-    cmd = [sys.executable, "-m", "framework.run", *args, "trainer.max_steps=1", "logger.wandb=false"]
+    cmd = [sys.executable, "-m", "framework.run", *args, f"trainer.max_steps={max_steps}", "logger.wandb=false"]
     cmd.append(f"hydra.run.dir={tmp_path / 'run'}")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -236,3 +238,29 @@ def test_another_models_state_ckpt_is_one_line(tmp_path, tiny_vl_path, tiny_text
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"resume=runA: .*junk\.ckpt cannot be read as a checkpoint"):
         check_state_matches(tmp_path / "junk.ckpt", vl, what="resume=runA", model="tiny:qwen2_5_vl")
+
+
+@pytest.mark.slow
+def test_resuming_with_another_models_state_ckpt_is_one_line(tmp_path, tiny_text_path):
+    """End to end: a one-step run whose checkpoint's ``state.ckpt`` is replaced by one of the
+    tiny text model (its marker rewritten, so that only the weights are wrong) resumes into one
+    ``error:`` line instead of Lightning's load_state_dict traceback."""
+    import torch
+
+    from framework.checkpoint import write_marker
+    from framework.models.loading import load_model
+
+    run = tmp_path / "run"
+    small = ["trainer.prompts_per_step=2", "rollout.group_size=2", "data.train_size=8", "data.test_size=2"]
+    small += ["trainer.eval_size=2", "trainer.progress_bar=false"]
+    p = run_cli(tmp_path, *small, f"output_dir={run}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    (ckpt,) = sorted((run / "checkpoints").glob("step-*"))
+    state = torch.load(ckpt / "state.ckpt", map_location="cpu", weights_only=True)
+    state["state_dict"] = {f"policy.{k}": v for k, v in load_model(tiny_text_path).state_dict().items()}
+    torch.save(state, ckpt / "state.ckpt")
+    write_marker(ckpt)
+    p = run_cli(tmp_path, f"resume={ckpt}", max_steps=2)
+    assert_one_error(
+        p, f"resume={ckpt}: {ckpt / 'state.ckpt'} holds the weights of another model than model.name_or_path="
+    )
