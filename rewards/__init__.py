@@ -1,7 +1,7 @@
 """Reward plugins (registered in ``framework.registry.REWARDS``) and :class:`RewardSet`.
 
 Built-in rewards: ``format``, ``accuracy``, ``choice``, ``numeric``, ``length`` (run in the
-trainer process); any other plugin runs in worker processes under a time limit per task
+trainer process); any other plugin runs in worker processes under a time limit per call
 (:mod:`rewards.isolated`, on pebble's process pool: :mod:`rewards.pool`). The ``reward``
 config section is :class:`rewards.config.RewardConfig`.
 """

@@ -25,10 +25,10 @@ from framework.overrides import unknown_key_error
 class IsolationConfig:
     """How a plugin that is not one of the project's built-ins runs: in worker processes."""
 
-    timeout_s: float = 10.0  # per task (one completion; a batch-aware plugin's whole batch): past it, 0 and a timeout
+    timeout_s: float = 10.0  # per plugin call (one completion; a batch-aware plugin's batch): past it, 0 and a timeout
     workers: int = 2  # worker processes per isolated plugin
-    # completions per task. null: 1 for a plugin that scores one completion (`score`), the whole
-    # batch for a batch-aware plugin (one that overrides `__call__`, e.g. a group-relative reward)
+    # completions per plugin call. null: 1 for a plugin that scores one completion (`score`), the
+    # whole batch for a batch-aware plugin (one that overrides `__call__`, e.g. a group-relative reward)
     batch_size: Optional[int] = None
     start_timeout_s: float = 120.0  # a worker's start (imports, the plugin's constructor)
     # address space a worker may add to its size at start (RLIMIT_AS; the plugin's imports,

@@ -4,13 +4,13 @@
 (and any component with ``isolate: true``) in an :class:`IsolatedReward`. The plugin runs in a
 :class:`rewards.pool.WorkerPool` (pebble's process pool, started with ``spawn``: the trainer's
 ``sys.path``): each worker imports the plugin's class by reference (``"module:qualname"``),
-builds it once with the component's parameters and serves tasks of ``batch_size``
-completions. ``batch_size`` is automatic by default: 1 for a plugin that scores one completion
-(:meth:`Reward.score`: each completion is one task under ``timeout_s``), the whole batch for a
+builds it once with the component's parameters and calls it on ``batch_size`` completions at
+a time. ``batch_size`` is automatic by default: 1 for a plugin that scores one completion
+(:meth:`Reward.score`: each completion is one call under ``timeout_s``), the whole batch for a
 batch-aware plugin (one that overrides ``__call__``: a group-relative reward must see its
 group; ``timeout_s`` then bounds the whole batch).
 
-Per task, whatever the plugin does: a hang (past ``timeout_s``: interrupted, or its worker
+Per call, whatever the plugin does: a hang (past ``timeout_s``: interrupted, or its worker
 killed after a grace period), an exception, ``SystemExit``, a crash of the process (segfault,
 ``os._exit``), an allocation past the worker's memory limit or a return value that is not a
 real number scores 0.0 and counts in ``timeouts`` or ``failures`` with its message; a lost
@@ -137,7 +137,7 @@ class IsolatedReward(Reward):
             raise ConfigError(f"reward '{self.name}' ({self.ref}) cannot run in a worker process: {e}") from e
 
     def batch_size(self, n: int) -> int:
-        """Completions per task for a batch of ``n``."""
+        """Completions per plugin call for a batch of ``n``."""
         if self.options.batch_size is not None:
             return self.options.batch_size
         return max(1, n) if self.batch_aware else 1

@@ -1,4 +1,4 @@
-"""Worker processes with a per-task time limit, on pebble's ``ProcessPool``: the pool behind
+"""Worker processes with a per-item time limit, on pebble's ``ProcessPool``: the pool behind
 math-verify (:class:`rewards.verify.VerifyPool`) and isolated reward plugins
 (:mod:`rewards.isolated`).
 
@@ -6,23 +6,33 @@ pebble (https://github.com/noxdafox/pebble) runs the processes: it kills a worke
 runs past its time limit and replaces it, reports a worker that dies mid-task (segfault,
 ``os._exit``) as ``ProcessExpired`` with its exit code, and replaces it. Chosen over
 ``concurrent.futures.ProcessPoolExecutor``, which can neither stop a task that hangs nor lose a
-worker without breaking the whole pool (``BrokenProcessPool`` for every pending task), at about
-the same cost per task (benchmarks/RESULTS.md, "Reward isolation on pebble"). What this module
-adds:
+worker without breaking the whole pool (``BrokenProcessPool`` for every pending task); their
+raw cost per task measured the same (benchmarks/RESULTS.md, "Reward isolation on pebble"). What
+this module adds:
 
 * workers are started with ``spawn`` (a fresh interpreter: no fork of a CUDA process or of the
   trainer's threads); each builds its *handler* once in pebble's initializer, from a factory
   named ``"module:qualname"``, so imports and a plugin's constructor are not timed as a task. A
   factory that fails is reported by every task (``WorkerStartError``: the caller stops);
-* soft timeout: a task arms ``setitimer(ITIMER_REAL, timeout_s)`` in its worker; a Python-level
-  hang is interrupted and reported as a timeout, and the worker goes on;
-* hard timeout: a task still running ``timeout_s + grace_s`` after it started (a hang in C, a
-  plugin swallowing the interrupt) has its worker killed by pebble and replaced; a timeout;
+* items go to the workers a few at a time (:meth:`WorkerPool.chunk_size`: about four tasks per
+  worker), so that the cost of a task (messages through pebble's threads) is shared; each item
+  still has its own time limit and its own result, and a worker appends a byte to a progress
+  file after each item, so the parent knows which item a lost worker was running;
+* soft timeout: each item arms ``setitimer(ITIMER_REAL, timeout_s)`` in its worker; a
+  Python-level hang is interrupted and reported as a timeout, and the worker goes on;
+* hard timeout: an item still running ``timeout_s + grace_s`` after it started (a hang in C, a
+  plugin swallowing the interrupt) has its worker killed (the task cancelled: pebble kills
+  and replaces the worker); that item is a timeout, the other items of its task run again;
+* a worker that dies mid-item (segfault, ``os._exit``) is replaced; that item is an error
+  naming the exit code or signal, the other items of its task run again;
 * bounds: each worker is the leader of its own session and process group, and the group dies
   with it (pebble's SIGTERM kills the group; a tiny reaper process, told by the kernel when the
   worker dies however it dies, kills what is left), so a plugin's children never outlive its
   worker; an address-space limit (``RLIMIT_AS``) on top of the worker's size at start; the
-  output of a task (stdout and stderr, to a temporary file) is returned with its result, capped.
+  output of a task (stdout and stderr, to a temporary file) is returned with its result, capped;
+* the parent's ``__main__`` is imported in each worker (``spawn``'s rule, as for any
+  multiprocessing pool): a script that scores isolated rewards guards its entry point with
+  ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import ctypes
 import fcntl
 import importlib
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -39,8 +50,9 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, CancelledError, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -129,6 +141,9 @@ def _start_reaper() -> None:
         signal.signal(signal.SIGTERM, _kill_group)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         for fd in os.listdir("/proc/self/fd"):  # hold none of the worker's pipes open
             if int(fd) > 2:
                 try:
@@ -219,10 +234,8 @@ def _ping() -> dict:
     return {"status": "ok"}
 
 
-def _run_task(item: Any, timeout_s: float, max_output: int) -> dict:
-    """One task in a worker: the handler under the soft timeout; always a dict."""
-    if "start_error" in _WORKER:
-        return {"status": "start_error", "error": _WORKER["start_error"]}
+def _run_one(item: Any, timeout_s: float) -> dict:
+    """One item in a worker: the handler under the soft timeout; always a dict."""
     try:
         try:
             signal.signal(signal.SIGALRM, _on_alarm)
@@ -238,17 +251,31 @@ def _run_task(item: Any, timeout_s: float, max_output: int) -> dict:
         res = {"status": "error", "error": _memory_text(e)}
     except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, the worker goes on
         res = {"status": "error", "error": _error_text(e)}
-    out = _take_output(max_output)
-    if out is not None:
-        res["output"] = out
     return res
+
+
+def _run_chunk(items: list, timeout_s: float, max_output: int, progress: str) -> dict:
+    """One task: a few items, one after the other, each under its own soft timeout. A byte
+    appended to the file ``progress`` after each item tells the parent how far the task got
+    (the item running when a worker hangs in C or dies is known)."""
+    if "start_error" in _WORKER:
+        return {"start_error": _WORKER["start_error"]}
+    fd = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        results = []
+        for item in items:
+            results.append(_run_one(item, timeout_s))
+            os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return {"results": results, "output": _take_output(max_output)}
 
 
 # --------------------------------------------------------------------------- parent side
 
 
 class WorkerPool:
-    """Persistent workers running a handler with a per-task time limit. Thread-safe (one call
+    """Persistent workers running a handler with a per-item time limit. Thread-safe (one call
     at a time); the workers start on :meth:`start` or the first :meth:`run`.
 
     ``factory``: ``"module:qualname"`` of ``f(init) -> handle``, run once in each worker, where
@@ -350,62 +377,138 @@ class WorkerPool:
         return self._closed
 
     # -- work
+    def chunk_size(self, n: int) -> int:
+        """Items per task for a call of ``n``: about four tasks per worker (the cost of a task,
+        a few messages between processes, is shared by its items), at most 32."""
+        return max(1, min(32, math.ceil(n / (4 * self.num_workers))))
+
     def run(self, items: Sequence[Any], stop: Callable[[int, dict], bool] | None = None) -> list[dict]:
         """One dict per item (see the class doc). ``stop(i, result)``, called on each result,
-        may end the call early: the items not done by then are cancelled (a running one has
+        may end the call early: the items not done by then are cancelled (a running task has
         its worker replaced) and get ``{"status": "skipped"}``."""
-        with self._lock:
-            pool = self._ensure_pool()
-            futures = [
-                pool.schedule(
-                    _run_task,
-                    args=(item, self.timeout_s, self.max_output_bytes or 0),
-                    timeout=self.timeout_s + self.grace_s,
-                )
-                for item in items
-            ]
-            index = {f: i for i, f in enumerate(futures)}
-            results: list[dict | None] = [None] * len(items)
-            pending = set(futures)
+        with self._lock, tempfile.TemporaryDirectory(prefix="apo-rl-pool-") as tmp:
+            call = _Call(self, self._ensure_pool(), items, tmp, stop)
+            size = self.chunk_size(len(items))
+            for s in range(0, len(items), size):
+                call.submit(list(range(s, min(len(items), s + size))))
             try:
-                while pending:
+                while call.tasks and not call.stopping:
                     if self._closed:
                         raise PoolClosed(f"{self.label}: the worker pool was closed during a call")
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    stopping = False
-                    for f in sorted(done, key=index.__getitem__):
-                        i = index[f]
-                        results[i] = self._outcome(f)
-                        if stop is not None and stop(i, results[i]):
-                            stopping = True
-                    if stopping:
-                        break
+                    done, _ = wait(list(call.tasks), timeout=0.1, return_when=FIRST_COMPLETED)
+                    for f in sorted(done, key=lambda f: call.tasks[f].indices[0]):
+                        call.finish(f)
+                    call.watch()
             finally:
-                for f in pending:
+                for f in call.tasks:
                     f.cancel()
-            return [r if r is not None else {"status": "skipped"} for r in results]
-
-    def _outcome(self, f) -> dict:
-        try:
-            out = f.result()
-        except CancelledError:
-            return {"status": "skipped"}
-        except TimeoutError:
-            self.restarts += 1
-            log.warning("%s: a task ran past %.1fs; its worker was replaced", self.label, self.timeout_s + self.grace_s)
-            return {"status": "timeout", "hard": True}
-        except pebble.ProcessExpired as e:
-            self.restarts += 1
-            log.warning("%s: a worker died (%s); replaced it", self.label, describe_exit(e.exitcode))
-            return {"status": "error", "error": f"worker died ({describe_exit(e.exitcode)})"}
-        except BaseException as e:  # noqa: BLE001 - e.g. an item that does not pickle
-            return {"status": "error", "error": f"cannot run it in a worker: {_outcome_text(e)}"}
-        if out["status"] == "start_error":
-            raise WorkerStartError(f"{self.label}: workers fail to start: {out['error']}")
-        return out
+            return [r if r is not None else {"status": "skipped"} for r in call.results]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label}: workers={self.num_workers}, timeout_s={self.timeout_s})"
+
+
+class _Chunk:
+    def __init__(self, indices: list[int], path: str, attempt: int):
+        self.indices, self.path, self.attempt = indices, path, attempt
+        self.started: float | None = None  # when first seen running
+        self.progress = 0  # items done, as the worker reported them
+        self.last = 0.0  # when progress last moved (or the task started)
+
+    def read_progress(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+
+class _Call:
+    """The tasks of one :meth:`WorkerPool.run`: submitted in chunks, watched for hangs (no
+    progress for ``timeout_s + grace_s``: the worker is killed), and a chunk whose worker was
+    lost resubmitted without the item that was running."""
+
+    MAX_ATTEMPTS = 3
+
+    def __init__(self, owner: WorkerPool, pool, items, tmp: str, stop):
+        self.owner, self.pool, self.items, self.tmp, self.stop = owner, pool, items, tmp, stop
+        self.results: list[dict | None] = [None] * len(items)
+        self.tasks: dict[Any, _Chunk] = {}
+        self.stopping = False
+        self._seq = 0
+
+    def submit(self, indices: list[int], attempt: int = 0) -> None:
+        if not indices:
+            return
+        self._seq += 1
+        chunk = _Chunk(indices, os.path.join(self.tmp, str(self._seq)), attempt)
+        o = self.owner
+        f = self.pool.schedule(
+            _run_chunk,
+            args=([self.items[i] for i in indices], o.timeout_s, o.max_output_bytes or 0, chunk.path),
+            timeout=len(indices) * o.timeout_s + o.grace_s + 5.0,  # a backstop: watch() acts first
+        )
+        self.tasks[f] = chunk
+
+    def done(self, i: int, result: dict) -> None:
+        self.results[i] = result
+        if self.stop is not None and not self.stopping and self.stop(i, result):
+            self.stopping = True
+
+    def finish(self, f) -> None:
+        chunk = self.tasks.pop(f, None)
+        if chunk is None or f.cancelled():
+            return
+        try:
+            out = f.result()
+        except TimeoutError:
+            self._lost(chunk, {"status": "timeout", "hard": True}, "a task hung")
+            return
+        except pebble.ProcessExpired as e:
+            how = describe_exit(e.exitcode)
+            self._lost(chunk, {"status": "error", "error": f"worker died ({how})"}, f"a worker died ({how})")
+            return
+        except BaseException as e:  # noqa: BLE001 - e.g. an item that does not pickle
+            for i in chunk.indices:
+                self.done(i, {"status": "error", "error": f"cannot run it in a worker: {_outcome_text(e)}"})
+            return
+        if "start_error" in out:
+            raise WorkerStartError(f"{self.owner.label}: workers fail to start: {out['start_error']}")
+        if out["output"] is not None:
+            out["results"][0]["output"] = out["output"]
+        for i, res in zip(chunk.indices, out["results"]):
+            self.done(i, res)
+
+    def watch(self) -> None:
+        """Kill the worker of a task whose item has run ``timeout_s + grace_s`` (a hang the
+        soft timeout could not interrupt)."""
+        now = time.monotonic()
+        limit = self.owner.timeout_s + self.owner.grace_s
+        for f, chunk in list(self.tasks.items()):
+            if not f.running():
+                continue
+            if chunk.started is None:
+                chunk.started = chunk.last = now
+            progress = chunk.read_progress()
+            if progress != chunk.progress:
+                chunk.progress, chunk.last = progress, now
+            elif now - chunk.last > limit:
+                f.cancel()  # pebble kills and replaces its worker
+                del self.tasks[f]
+                self._lost(chunk, {"status": "timeout", "hard": True}, f"a task ran past {limit:.1f}s")
+
+    def _lost(self, chunk: _Chunk, culprit: dict, what: str) -> None:
+        """The worker of ``chunk`` was killed or died: the item it was running gets ``culprit``;
+        the others (done ones too: their results went with the worker) run again."""
+        self.owner.restarts += 1
+        log.warning("%s: %s; its worker was replaced", self.owner.label, what)
+        k = min(chunk.read_progress(), len(chunk.indices) - 1)
+        again = chunk.indices[:k] + chunk.indices[k + 1 :]
+        self.done(chunk.indices[k], culprit)
+        if chunk.attempt + 1 >= self.MAX_ATTEMPTS:
+            for i in again:
+                self.done(i, {"status": "error", "error": f"its worker was lost {self.MAX_ATTEMPTS} times"})
+        elif not self.stopping:
+            self.submit(again, chunk.attempt + 1)
 
 
 def _outcome_text(e: BaseException) -> str:

@@ -80,8 +80,8 @@ def test_misbehaving_plugin_scores_zero_counted_logged_restarted(plugins, caplog
         t0 = time.monotonic()
         s = rs(["ok", mode, "ok", "ok"], recs(4))
         # not the plugin's 600 s: its time limit (2 s at most) and, where its worker is lost, a
-        # replacement's start (a fresh interpreter importing torch: seconds on a loaded machine)
-        assert time.monotonic() - t0 < 30
+        # replacement's start (a fresh interpreter importing torch: 20 s seen at load 15 on 2 cores)
+        assert time.monotonic() - t0 < 120
         assert s.components["misbehaving"] == [1.0, 0.0, 1.0, 1.0] and s.total == [1.0, 0.0, 1.0, 1.0]
         m = s.metrics
         assert m["rewards/misbehaving/failures"] == failures and m["rewards/misbehaving/timeouts"] == timeouts
@@ -124,9 +124,10 @@ def test_a_plugin_hanging_everywhere_stops_early(plugins):
     """Once the call is bound to exceed the fraction, the rest is not waited for."""
     with make(frac=0.1) as rs:
         t0 = time.monotonic()
-        with pytest.raises(RewardFailure, match="timed out"):
-            rs(["hang"] * 10, recs(10))  # > 1 timeout of 10 stops: 2 timeouts, not 10
-        assert time.monotonic() - t0 < 8  # 2 s of timeouts, not 10 s
+        with pytest.raises(RewardFailure, match="timed out") as ei:
+            rs(["hang"] * 10, recs(10))  # > 1 timeout of 10 stops: its first task's 3, not 10
+        assert "timed out on 3 of 10" in str(ei.value)
+        assert time.monotonic() - t0 < 9.5  # 3 s of timeouts, not 10 s
         assert rs(["ok"], recs(1)).components["misbehaving"] == [1.0]
 
 
@@ -209,7 +210,7 @@ def test_close_during_a_call_returns_promptly(plugins):
     time.sleep(0.3)
     t0 = time.monotonic()
     rs.close()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10
     t.join(5)
     assert not t.is_alive() and "error" in out  # the call ended: the pool was closed under it
     with pytest.raises(RuntimeError, match="closed"):
@@ -371,3 +372,22 @@ def test_stats_keys_are_capped_and_reported_once(plugins, caplog):
         assert not [k for k in m if k.startswith("rewards/many_stats/b")]
     warned = [r.getMessage() for r in caplog.records if "max_stat_keys" in r.getMessage()]
     assert len(warned) == 1 and "'many_stats'" in warned[0]
+
+
+def test_a_lost_worker_costs_only_the_item_it_was_running(plugins, caplog):
+    """Items go to workers a few at a time (16 completions, 1 worker: 4 per task); a crash or a
+    hang the timer cannot interrupt loses that item alone: the others of its task run again."""
+    caplog.set_level(logging.WARNING, logger="rewards")
+    comps = ["ok"] * 16
+    comps[5], comps[10] = "segv", "hard_hang"
+    with make(frac=1.0) as rs:
+        assert rs.rewards["misbehaving"].pool.chunk_size(16) == 4
+        s = rs(comps, recs(16))
+    want = [1.0] * 16
+    want[5] = want[10] = 0.0
+    assert s.components["misbehaving"] == want
+    m = s.metrics
+    assert m["rewards/misbehaving/failures"] == 1 and m["rewards/misbehaving/timeouts"] == 1
+    assert m["rewards/misbehaving/worker_restarts"] == 2
+    warned = [r.getMessage() for r in caplog.records if "first error" in r.getMessage()][-1]
+    assert "SIGSEGV) (record id=5)" in warned and "killed) (record id=10)" in warned

@@ -226,7 +226,7 @@ def test_accuracy_timeout_counted(acc, monkeypatch):
         r.pool.start()  # the worker's start (math-verify's import and warm-up) is not what is timed
         t0 = time.monotonic()
         res = r([C("HANG"), C("3"), C("4")], [{"answer": "3"}] * 3)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 10  # not 30 s
         assert res.scores == [0.0, 1.0, 0.0]
         assert res.timeouts == 1 and res.failures == 0
     finally:
@@ -247,8 +247,8 @@ def test_pool_soft_and_hard_timeouts_replace_worker():
             ]
         )
         # both 30 s tasks were cut short (uninterrupted they take 60 s); the bound leaves room
-        # for starting the replacement worker on a loaded machine (8.5 s seen under pytest -n 2)
-        assert time.monotonic() - t0 < 20
+        # for starting the replacement worker on a loaded machine (20 s seen at load 15 on 2 cores)
+        assert time.monotonic() - t0 < 55
         assert [o["status"] for o in out] == ["timeout", "timeout", "ok", "error"]
         assert out[1].get("hard") and out[2]["score"] == 1.0 and "bad" in out[3]["error"]
         assert pool.restarts == 1
