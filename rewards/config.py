@@ -155,8 +155,26 @@ def _convert(tp: Any, v: Any, key: str, current: Any) -> Any:
     raise TypeError(f"no conversion for {tp!r} ({key})")  # a schema field of a type not handled here
 
 
+def total_weights(section: Mapping[str, Any]) -> dict[str, float]:
+    """``{plugin: weight}`` of the total reward as :class:`rewards.RewardSet` builds it from the
+    reward section ``section`` (the correctness plugin with weight 0 when it is not a
+    component), without building any plugin: for reports of a run's stored config."""
+    cfg = parse(RewardConfig, section, "reward")
+    weights = {str(k): parse_component(str(k), v).weight for k, v in cfg.components.items()}
+    weights.setdefault(cfg.correctness, 0.0)
+    return weights
+
+
 def isolation_fields() -> list[str]:
     return _names(IsolationConfig)
 
 
-__all__ = ["ComponentConfig", "IsolationConfig", "RewardConfig", "isolation_fields", "parse", "parse_component"]
+__all__ = [
+    "ComponentConfig",
+    "IsolationConfig",
+    "RewardConfig",
+    "isolation_fields",
+    "parse",
+    "parse_component",
+    "total_weights",
+]

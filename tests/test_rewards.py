@@ -470,6 +470,20 @@ def test_config_yamls_build():
     assert weights["apo"] == {"accuracy": 1.0, "format": 0.5}
 
 
+def test_total_weights_as_the_rewardset_builds_them():
+    from rewards.config import total_weights
+
+    section = {"components": {"format": {"weight": 0.5}, "numeric": {"rel_tol": 0.1}}, "correctness": "accuracy"}
+    assert total_weights(section) == {"format": 0.5, "numeric": 1.0, "accuracy": 0.0}
+    rs = RewardSet.from_config(
+        {**section, "components": {**section["components"], "accuracy": {"weight": 0.0, "workers": 0}}}
+    )
+    assert rs.weights == {"format": 0.5, "numeric": 1.0, "accuracy": 0.0}
+    rs.close()
+    with pytest.raises(ValueError, match=r"reward\.components\.format\.weight"):
+        total_weights({"components": {"format": {"weight": "heavy"}}})
+
+
 def test_reward_result_defaults():
     r = RewardResult()
     assert r.scores == [] and r.failures == 0 and r.timeouts == 0 and r.errors == [] and r.stats == {}
