@@ -180,6 +180,12 @@ def test_freeze_vision_tower_on_a_text_model(tmp_path, capsys, tiny_text_path, n
     assert "model.freeze_vision_tower=true but model.name_or_path=tiny:qwen2 is a text-only model" in line
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_flash_attention_without_a_gpu(tmp_path, capsys, no_weight_loading):
+    line = run_train(tmp_path, capsys, "model.attn_implementation=flash_attention_2")
+    assert "model.attn_implementation=flash_attention_2 needs a CUDA GPU" in line and "sdpa" in line
+
+
 def test_prompts_per_step_larger_than_the_train_split_before_the_weights(tmp_path, no_weight_loading):
     data = write_local_data(tmp_path / "data", 3)
     args = ["data=local", f"data.path={data}", "trainer.prompts_per_step=4"]

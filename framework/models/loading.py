@@ -326,12 +326,27 @@ def _image_only(cls):
 # ------------------------------------------------------------------ options against the model
 def check_model_options(path: str, m: Any) -> None:
     """``model.*`` options that depend on the model at ``path`` (its config.json only, no
-    weight loads): ``freeze_vision_tower`` on a text-only model. One-line :class:`ConfigError`."""
+    weight loads) or on this machine: ``freeze_vision_tower`` on a text-only model, a FlashAttention
+    implementation without a CUDA GPU or without its package. One-line :class:`ConfigError`."""
     if getattr(m, "freeze_vision_tower", False) and not _is_vl_config(path):
         raise ConfigError(
             f"model.freeze_vision_tower=true but model.name_or_path={m.name_or_path} is a text-only model "
             "(no vision tower to freeze): drop model.freeze_vision_tower"
         )
+    impl = getattr(m, "attn_implementation", None)
+    if isinstance(impl, str) and impl.startswith("flash_attention"):
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"model.attn_implementation={impl} needs a CUDA GPU and this machine has none: "
+                "use model.attn_implementation=sdpa (the same attention)"
+            )
+        if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                f"model.attn_implementation={impl} needs the flash-attn package, which is not installed here "
+                "(pip install flash-attn --no-build-isolation), or use model.attn_implementation=sdpa"
+            )
 
 
 def check_state_matches(state_path: str | Path, expected: Any, *, what: str, model: str) -> None:
@@ -435,7 +450,7 @@ def load_model(
     try:
         model = cls.from_pretrained(path, **kw)
     except (ValueError, ImportError) as e:
-        if not (attn_implementation and attn_implementation in str(e)):
+        if not (attn_implementation and (attn_implementation in str(e) or "attention" in str(e).lower())):
             raise
         msg = " ".join(str(e).split())
         raise ConfigError(
