@@ -2,8 +2,11 @@
 :func:`build_algorithm`.
 
 The trainer never branches on the algorithm's name. Per rollout batch it calls
-``algo.keep_groups`` (optional dynamic sampling), then ``algo.prepare(rollout, step)``, then
-for each of ``algo.ppo_epochs`` epochs and each micro-batch ``mb = rollout.select(idx)``::
+``algo.keep_groups`` (optional dynamic sampling), then ``prepared = algo.prepare(rollout,
+step)`` (a :class:`framework.types.Prepared`: shaped rewards, advantages, per-sample KL weights,
+the loss mask, metrics; the rollout is not changed), takes the log-probs the loss needs, and
+for each of ``algo.ppo_epochs`` epochs and each micro-batch ``mb = batch.select(idx)`` of the
+:class:`framework.types.TrainBatch` it assembled::
 
     loss, metrics = algo.loss(logp, mb, norm)   # norm: global LossNormalizer of the mini-batch
     loss.backward()
@@ -12,7 +15,16 @@ for each of ``algo.ppo_epochs`` epochs and each micro-batch ``mb = rollout.selec
 mini-batch, so summing them over micro-batches (and ranks) gives the mini-batch value.
 
 Subclasses change behaviour through hooks, called by ``prepare`` in this order:
-``shape_rewards -> compute_advantages -> shape_advantages -> sample_kl_coef``.
+``shape_rewards -> compute_advantages -> shape_advantages -> sample_kl_coef -> loss_mask``.
+``shape_rewards`` returns the new rewards; the later hooks see a copy of the rollout that holds
+them.
+
+The step clock of the schedules: ``step`` (given to ``prepare``) counts optimizer steps, as the
+learning-rate schedule does, derived from the RL step: the RL step ``k`` makes optimizer steps
+``k * u .. k * u + u - 1``, ``u = ppo_epochs * trainer.num_mini_batches`` (the updates per step,
+fixed when the run is built), over ``total_steps = trainer.max_steps * u``. beta is taken once per
+RL step, at its first optimizer step (beta_i is part of what ``prepare`` returns), the learning
+rate at every optimizer step; with one update per RL step both count RL steps.
 
 Two components every algorithm takes from its config (algorithms/components.py):
 ``shape_advantages`` applies STCR when ``stcr.enabled``; ``sample_kl_coef`` gives the per-sample
@@ -38,7 +50,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from framework.errors import ConfigError
 from framework.registry import ALGORITHMS
-from framework.types import LossNormalizer, Rollout
+from framework.types import LossNormalizer, Prepared, Rollout, TrainBatch
 
 from .advantages import ADVANTAGE_SCALES, zero_std_groups
 from .components import SAMPLE_KL_WEIGHTS, apply_stcr, completion_lengths, sample_kl_coef
@@ -56,7 +68,7 @@ class AdvantageConfig:
 
 @dataclass
 class KLScheduleConfig:
-    """beta over optimizer steps. ``constant``: beta = kl.coef. ``linear``/``cosine``: start ->
+    """beta over optimizer steps (the schedule clock, see the module docstring). ``constant``: beta = kl.coef. ``linear``/``cosine``: start ->
     end (None = kl.coef). ``grpo_d``: beta_min, beta_max, explore_frac (kl.coef unused)."""
 
     name: str = "constant"  # constant | linear | cosine | grpo_d (see schedules.SCHEDULES)
@@ -111,8 +123,8 @@ class AlgorithmConfig:
     clip_high: float = 0.2  # DAPO clip-higher: 0.28
     ppo_epochs: int = 1  # mu: updates per rollout batch
     filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
-    # completions that hit max_new_tokens without EOS get mask 0. Applied by the trainer
-    # (exposed as Algorithm.mask_truncated_completions), after prepare().
+    # completions that hit max_new_tokens without EOS get loss mask 0 (Algorithm.loss_mask, the
+    # last hook of prepare(): STCR still sees their lengths)
     mask_truncated_completions: bool = False
     stcr: STCRConfig = field(default_factory=STCRConfig)
     # the Hydra defaults list of the algorithm yaml this came from (e.g. [grpo, _self_]); Hydra
@@ -170,7 +182,8 @@ class Algorithm:
     """Policy-gradient algorithm of the GRPO family: advantages, KL weights and the loss.
 
     Subclasses override hooks (``shape_rewards``, ``compute_advantages``,
-    ``shape_advantages``, ``sample_kl_coef``, ``policy_objective``) and set ``Config``.
+    ``shape_advantages``, ``sample_kl_coef``, ``loss_mask``, ``policy_objective``) and set
+    ``Config``. ``total_steps``: the optimizer steps of the whole run (the schedule clock's end).
     """
 
     Config = AlgorithmConfig
@@ -198,11 +211,6 @@ class Algorithm:
         return int(self.cfg.ppo_epochs)
 
     @property
-    def mask_truncated_completions(self) -> bool:
-        """The trainer zeroes the completion_mask of truncated samples when True."""
-        return bool(self.cfg.mask_truncated_completions)
-
-    @property
     def filter_groups(self) -> FilterGroupsConfig:
         return self.cfg.filter_groups
 
@@ -220,8 +228,10 @@ class Algorithm:
         return completion_lengths(rollout, self.cfg.stcr.length_unit)
 
     # -- hooks
-    def shape_rewards(self, rollout: Rollout) -> None:
-        """Modify ``rollout.rewards`` [N] in place (reward shaping). Default: nothing."""
+    def shape_rewards(self, rollout: Rollout) -> torch.Tensor:
+        """The rewards [N] the advantages are computed from (reward shaping), a new tensor;
+        ``rollout`` is left as it is. Default: ``rollout.rewards`` unchanged."""
+        return rollout.rewards
 
     def compute_advantages(self, rollout: Rollout) -> torch.Tensor:
         """Advantages [N] from ``rollout.rewards``."""
@@ -238,28 +248,45 @@ class Algorithm:
         :attr:`sample_weight` (none: beta everywhere; dads: DADS on the positives)."""
         return sample_kl_coef(self.sample_weight, rollout, advantages, beta, metrics)
 
-    def policy_objective(self, logp: torch.Tensor, logp_old: torch.Tensor, mb: Rollout):
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The tokens that count in the loss [N, T] float: the completion mask, with completions
+        that hit max_new_tokens without EOS zeroed when ``mask_truncated_completions``."""
+        if not self.cfg.mask_truncated_completions:
+            return rollout.completion_mask
+        return rollout.completion_mask * (~rollout.truncated).float().unsqueeze(1)
+
+    def policy_objective(self, logp: torch.Tensor, logp_old: torch.Tensor, mb: TrainBatch):
         """Per-token surrogate to maximise: (s [n,T], clipped_low, clipped_high)."""
         return clipped_surrogate(logp, logp_old, mb.advantages, self.cfg.clip_low, self.cfg.clip_high)
 
     # -- entry points
-    def prepare(self, rollout: Rollout, step: int) -> dict[str, float]:
-        """Set ``rollout.advantages`` [N] and ``rollout.kl_coef`` [N]; return metrics."""
+    def prepare(self, rollout: Rollout, step: int) -> Prepared:
+        """What the loss needs from this algorithm for ``rollout`` (a :class:`Prepared`: shaped
+        rewards, advantages [N], beta_i [N], the loss mask [N, T], metrics), at optimizer step
+        ``step`` of the schedule clock. ``rollout`` is not changed."""
         metrics: dict[str, float] = {}
-        self.shape_rewards(rollout)
+        rewards = self.shape_rewards(rollout)
+        if not isinstance(rewards, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.shape_rewards returned {type(rewards).__name__}: it returns the "
+                "shaped rewards [N] (a new tensor) instead of setting rollout.rewards"
+            )
+        # the later hooks see the shaped rewards in a copy of the rollout (a new value, not a rewrite)
+        rollout = dataclasses.replace(rollout, rewards=rewards)
         zero = zero_std_groups(rollout.rewards, rollout.group_ids)
         metrics["frac_reward_zero_std"] = zero.float().mean().item() if zero.numel() else 0.0
         adv = self.compute_advantages(rollout)
         adv = self.shape_advantages(rollout, adv, metrics)
         beta = self.beta(step)
         kl_coef = self.sample_kl_coef(rollout, adv, beta, metrics)
-        rollout.advantages, rollout.kl_coef = adv, kl_coef
         a = adv.double()
         metrics["advantages/mean"] = a.mean().item() if a.numel() else 0.0
         metrics["advantages/std"] = a.std().item() if a.numel() > 1 else 0.0
         metrics["beta"] = beta
         metrics["beta/effective"] = kl_coef.double().mean().item() if a.numel() else beta
-        return metrics
+        return Prepared(
+            rewards=rewards, advantages=adv, kl_coef=kl_coef, loss_mask=self.loss_mask(rollout), metrics=metrics
+        )
 
     def keep_groups(self, rollout: Rollout) -> torch.Tensor:
         """bool [num_groups] (groups in sorted group-id order): False for groups with
@@ -270,42 +297,36 @@ class Algorithm:
         return ~zero
 
     def loss(
-        self, logp: torch.Tensor, mb: Rollout, norm: LossNormalizer
+        self, logp: torch.Tensor, mb: TrainBatch, norm: LossNormalizer
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of micro-batch ``mb`` (a ``Rollout.select`` slice prepared by ``prepare``):
+        """Loss of micro-batch ``mb`` (a ``TrainBatch.select`` slice):
 
-            loss = aggregate(-s, loss_agg) + aggregate(beta_i * k, kl_agg)
+            loss = aggregate(-s * w_tis, loss_agg) + aggregate(beta_i * k, kl_agg)
 
-        (``s`` multiplied per token by ``mb.tis_weights`` when the trainer set them: truncated
-        importance sampling, ``algorithms.losses.truncated_is_weights``.)
+        ``w_tis``: ``mb.tis_weights`` (truncated importance sampling,
+        ``algorithms.losses.truncated_is_weights``; ones without it). The KL term is there when
+        :attr:`needs_reference` (decided when the algorithm is built), ``s`` is against
+        ``mb.logp_old`` when ``mb.off_policy``, else against ``logp.detach()`` (rho = 1).
 
         logp [n, T] (requires grad) for the sampled tokens under the current policy.
         Metrics (detached 0-d tensors), each normalised with the global ``norm`` so the sum
         over micro-batches gives the mini-batch value: policy_loss, kl_loss, kl (per-token
         mean of the estimator), clip_ratio, clip_ratio/low, clip_ratio/high (token fractions).
         """
-        if mb.advantages is None or mb.kl_coef is None:
-            raise ConfigError("Rollout has no advantages/kl_coef: call Algorithm.prepare first")
         mask = mb.completion_mask
-        if mb.logp_old is None:
-            if self.ppo_epochs > 1:
-                raise ConfigError("ppo_epochs > 1 needs rollout.logp_old (needs_old_logprobs)")
-            logp_old = logp.detach()
-        else:
-            logp_old = mb.logp_old
+        # on-policy (one update per rollout): rho = exp(logp - logp.detach()) = 1, gradient A
+        logp_old = mb.logp_old if mb.off_policy else logp.detach()
         s, low, high = self.policy_objective(logp, logp_old, mb)
-        if mb.tis_weights is not None:  # truncated IS correction of the sampler mismatch (rollout.tis_cap)
-            s = s * mb.tis_weights.detach().to(s.dtype)
+        # truncated IS correction of the sampler mismatch (rollout.tis_cap); x * 1.0 is exact without it
+        s = s * mb.tis_weights.detach().to(s.dtype)
         policy_loss = aggregate(-s, mask, self.cfg.loss_agg, norm)
 
-        kl_coef = mb.kl_coef.detach().to(logp.dtype)
-        if mb.logp_ref is not None:
+        if self.needs_reference:  # static: beta can be > 0 at some step of this run
+            kl_coef = mb.kl_coef.detach().to(logp.dtype)
             k = kl_estimator(logp, mb.logp_ref, self.cfg.kl.estimator)
             kl_loss = aggregate(kl_coef.unsqueeze(-1) * k, mask, self.cfg.kl_agg or self.cfg.loss_agg, norm)
             kl_mean = token_sum_mean(k.detach(), mask, norm)
         else:
-            if bool((kl_coef != 0).any()):
-                raise ConfigError("kl_coef > 0 but rollout.logp_ref is None (needs_reference)")
             kl_loss = kl_mean = logp.new_zeros(())
         loss = policy_loss + kl_loss
         m = mask.to(logp.dtype)
@@ -384,14 +405,21 @@ def resolve_defaults(cfg: dict, config_dir: Path | None = None, _chain: tuple = 
     return out
 
 
-def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
+def build_algorithm(
+    cfg: Any, total_steps: int | None = None, *, rl_steps: int | None = None, num_mini_batches: int = 1
+) -> Algorithm:
     """Algorithm from its config (dict, DictConfig or Config dataclass instance).
 
     Looks up ``ALGORITHMS.get(cfg.name)`` (UnknownNameError lists the registered names),
     merges ``cfg`` onto the class's structured ``Config`` (unknown key or wrong type ->
-    ValueError naming ``algorithm.<key>``), validates and instantiates with ``total_steps``.
+    ValueError naming ``algorithm.<key>``), validates and instantiates with ``total_steps``,
+    the optimizer steps of the run (the schedule clock's end). Given ``rl_steps`` instead, the
+    run's optimizer steps are ``rl_steps * ppo_epochs * num_mini_batches``, with the validated
+    config's ``ppo_epochs``: the trainer builds the algorithm once.
     A raw yaml's ``defaults`` list is resolved first (:func:`resolve_defaults`).
     """
+    if (total_steps is None) == (rl_steps is None):
+        raise TypeError("build_algorithm takes total_steps or rl_steps, exactly one")
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = OmegaConf.structured(cfg)
     if isinstance(cfg, DictConfig):
@@ -418,4 +446,6 @@ def build_algorithm(cfg: Any, total_steps: int) -> Algorithm:
         raise ConfigError(f"invalid value for 'algorithm.{key}': {msg}") from e
     obj = OmegaConf.to_object(merged)
     obj.validate()
+    if total_steps is None:
+        total_steps = rl_steps * obj.ppo_epochs * num_mini_batches
     return cls(obj, total_steps)

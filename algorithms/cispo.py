@@ -18,7 +18,7 @@ No KL term. ``clip_ratio`` reports the tokens whose weight was capped (they keep
 from dataclasses import dataclass, field
 
 from framework.registry import ALGORITHMS
-from framework.types import Rollout
+from framework.types import TrainBatch
 
 from .base import KLConfig
 from .grpo import GRPO, AlgorithmConfig
@@ -41,6 +41,6 @@ class CISPOConfig(AlgorithmConfig):
 class CISPO(GRPO):
     Config = CISPOConfig
 
-    def policy_objective(self, logp, logp_old, mb: Rollout):
+    def policy_objective(self, logp, logp_old, mb: TrainBatch):
         """sg(w_it) A_i log pi_it per token, and the tokens whose weight was capped."""
         return cispo_surrogate(logp, logp_old, mb.advantages, self.cfg.clip_low, self.cfg.clip_high)

@@ -28,7 +28,7 @@ rollout into 4 mini-batches) differ from GRPO: on-policy s_i = 1.
 from dataclasses import dataclass, field
 
 from framework.registry import ALGORITHMS
-from framework.types import Rollout
+from framework.types import TrainBatch
 
 from .base import KLConfig, check_choice
 from .grpo import GRPO, AlgorithmConfig
@@ -56,7 +56,7 @@ class GSPOConfig(AlgorithmConfig):
 class GSPO(GRPO):
     Config = GSPOConfig
 
-    def policy_objective(self, logp, logp_old, mb: Rollout):
+    def policy_objective(self, logp, logp_old, mb: TrainBatch):
         """J_i broadcast to the tokens of sequence i, the clip flags of its sequence."""
         return gspo_surrogate(
             logp,

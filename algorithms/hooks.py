@@ -22,6 +22,7 @@ HOOKS = (
     "compute_advantages",
     "shape_advantages",
     "sample_kl_coef",
+    "loss_mask",
     "policy_objective",
     "keep_groups",
     "prepare",

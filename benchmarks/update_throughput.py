@@ -25,7 +25,7 @@ import torch
 
 from algorithms.base import build_algorithm
 from framework.logprobs import completion_logprobs
-from framework.types import LossNormalizer, Rollout
+from framework.types import LossNormalizer, Rollout, TrainBatch
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
@@ -106,10 +106,8 @@ def measure(
         correct=torch.zeros(B),
         truncated=torch.zeros(B, dtype=torch.bool),
     )
-    algo.prepare(rollout, step=0)
-    rollout.logp_ref = -torch.rand(B, T, generator=g) * 5 if algo.needs_reference else None
-    mb = rollout.select(torch.arange(B))
-    mb = Rollout(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()})
+    logp_ref = -torch.rand(B, T, generator=g) * 5 if algo.needs_reference else None
+    mb = TrainBatch.assemble(rollout, algo.prepare(rollout, step=0), logp_ref=logp_ref).to(device)
     norm = LossNormalizer(num_sequences=float(B), num_tokens=float(mask.sum()), max_len=float(T))
     cuda = device.startswith("cuda")
     if cuda:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
-    from framework.types import Rollout
+    from framework.types import Rollout, TrainBatch
 
 
 def _chunk_logp_entropy(
@@ -201,7 +201,7 @@ class RolloutLogProbs:
     chunk_size: int  # tokens per LM-head chunk
     device: Any
 
-    def __call__(self, model, mb: Rollout, with_entropy: bool = False):
+    def __call__(self, model, mb: Rollout | TrainBatch, with_entropy: bool = False):
         """logp [n, T] (and entropy [n, T] when asked) of micro-batch ``mb``, on the device."""
         from framework.rollout.inputs import training_inputs
 
@@ -232,7 +232,7 @@ class RolloutLogProbs:
         )
 
     @torch.no_grad()
-    def no_grad(self, model, rollout: Rollout, micro_batches) -> torch.Tensor:
+    def no_grad(self, model, rollout: Rollout | TrainBatch, micro_batches) -> torch.Tensor:
         """[N, T] masked log-probs on the CPU, micro-batch by micro-batch (``micro_batches``:
         ``(rows, real)`` pairs; padding passes only join the collectives)."""
         out = torch.zeros_like(rollout.completion_mask)

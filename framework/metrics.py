@@ -12,7 +12,7 @@ import math
 import torch
 
 from framework.distributed import all_reduce
-from framework.types import Rollout
+from framework.types import Rollout, TrainBatch
 
 # metrics that add up over ranks (each rank holds its share of a global sum); the rest are means
 ADDITIVE = (
@@ -33,14 +33,20 @@ def pass_rates(r: Rollout, group_size: int) -> torch.Tensor:
     return r.correct.view(-1, group_size).mean(1)
 
 
-def rollout_metrics(r: Rollout, group_size: int) -> dict[str, float]:
-    """Reward, accuracy, lengths (all / correct / incorrect), truncation and pass rates."""
-    L = r.lengths
+def rollout_metrics(
+    r: Rollout, group_size: int, *, rewards: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Reward, accuracy, lengths (all / correct / incorrect), truncation and pass rates.
+    ``rewards`` [N] (default ``r.rewards``): the trainer passes the shaped ones
+    (``Prepared.rewards``); ``mask`` [N, T] (default ``r.completion_mask``) counts the lengths:
+    the trainer passes the loss mask (``Prepared.loss_mask``)."""
+    rewards = r.rewards if rewards is None else rewards
+    L = r.lengths if mask is None else mask.sum(-1)
     c = r.correct.bool()
     pr = pass_rates(r, group_size)
     return {
-        "reward": float(r.rewards.mean()),
-        "reward_std": float(r.rewards.std()) if len(r.rewards) > 1 else 0.0,
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "accuracy": float(r.correct.mean()),
         "completions/mean_length": float(L.mean()),
         "completions/mean_length_correct": float(L[c].mean()) if c.any() else float("nan"),
@@ -68,7 +74,7 @@ def peak_flops(device) -> float | None:
 
 
 def step_perf(
-    r: Rollout,
+    r: Rollout | TrainBatch,
     timings: dict[str, float],
     *,
     ppo_epochs: int,

@@ -2,12 +2,23 @@
 
     evaluate if due                                   framework/evaluation.py
     collect: prompts -> G completions -> rewards      framework/rollout/collector.py, rewards/
-    prepare: advantages, per-sample KL weights        algorithms/ (Algorithm.prepare)
-    reference / old log-probs (only if needed)        framework/logprobs.py
+             -> Rollout
+    prepare: shaped rewards, advantages, per-sample   algorithms/ (Algorithm.prepare)
+             KL weights, loss mask -> Prepared
+    reference / old log-probs, IS weights (if needed) framework/logprobs.py
+             -> tensors, assembled into a TrainBatch  framework/types.py
     update: ppo_epochs x mini-batches of micro-batches,
             Algorithm.loss -> backward -> clip -> step framework/update.py, framework/distributed.py
     sync the engine's weights                         framework/rollout/
     log                                               framework/metrics.py -> Lightning loggers
+
+Each phase returns a value the next one takes; none rewrites an earlier phase's value.
+
+One clock: the RL step (``rl_step``, one rollout and its updates) drives evaluation, logging,
+checkpoints and the progress shown; the schedules (the LR and the KL weight beta) count the
+optimizer steps derived from it, ``rl_step * updates_per_step + k`` for the k-th update of the
+step (:meth:`RLModule.schedule_step`), never Lightning's counter. With one update per RL step
+(``ppo_epochs=1``, ``trainer.num_mini_batches=1``, the default) both are the RL step.
 
 The module never branches on the algorithm's name: everything algorithm-specific is behind
 the :class:`algorithms.base.Algorithm` interface; everything strategy-specific behind the
@@ -23,6 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from algorithms.losses import truncated_is_weights
 from algorithms.schedules import lr_multiplier
 from framework.distributed import GradientSync, is_sharded, make_gradient_sync, shard_model, uses_fsdp
 from framework.errors import NonFiniteError  # noqa: F401  (raised by the update; importable from here)
@@ -40,7 +52,7 @@ from framework.models.lora import reference_model
 from framework.rollout.base import SamplingParams
 from framework.rollout.collector import DynamicSampling, RolloutCollector
 from framework.rollout.inputs import encode_prompts
-from framework.types import Rollout
+from framework.types import Prepared, Rollout, TrainBatch
 from framework.update import PolicyUpdate, UpdateResult
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,9 @@ class RLModule(L.LightningModule):
         self.rl_step = 0
         self.updates_per_step = algorithm.ppo_epochs * sections["trainer"].num_mini_batches
         self.total_updates = sections["trainer"].max_steps * self.updates_per_step
+        # several optimizer steps per rollout: every one after the first is off-policy, so the
+        # rollout policy's log-probs are taken once, before any update (decided here, once)
+        self.off_policy = algorithm.needs_old_logprobs or self.updates_per_step > 1
         self.history: list[dict[str, float]] = []  # every logged metric row, for tests and reports
         self._last_eval_step = -1
         self._pending_rng: torch.Tensor | None = None  # RNG state restored by a resume
@@ -178,21 +193,24 @@ class RLModule(L.LightningModule):
         t_step = time.perf_counter()
         rollout, metrics = self.collector(records, self.rl_step)  # generate, decode, score (+ DAPO refills)
         self._engine_sleep()  # free the engine's memory for the forward/backward passes
-        algo_metrics = self.algo.prepare(rollout, step=self.global_step)  # advantages, beta_i
-        if self.algo.mask_truncated_completions:  # after prepare: STCR must still see their lengths
-            rollout.completion_mask = rollout.completion_mask * (~rollout.truncated).float().unsqueeze(1)
-        metrics.update(self._reference_and_old_logprobs(rollout))
+        prepared = self.algo.prepare(rollout, step=self.schedule_step())  # advantages, beta_i, loss mask
+        batch = self._train_batch(rollout, prepared, metrics)  # + reference / old log-probs
         t_up = time.perf_counter()
         opt, sched = self.optimizers(), self.lr_schedulers()
-        result = self.update(rollout, opt, sched, rl_step=self.rl_step, optimizer_step=self.global_step)
+        result = self.update(batch, opt, sched, rl_step=self.rl_step, optimizer_step=self.schedule_step())
         t_done = time.perf_counter()
         self._sync_engine()  # the engine serves the updated policy from the next rollout on
         metrics["timing_s/sync"] = time.perf_counter() - t_done
         metrics["timing_s/update"] = t_done - t_up
         self.rl_step += 1
-        self._log_step(rollout, result, metrics, algo_metrics, sched, t_step, t_done - t_up)
+        self._log_step(rollout, prepared, batch, result, metrics, sched, t_step, t_done - t_up)
         if self.rl_step >= self.s["trainer"].max_steps:
             self.evaluate()
+
+    def schedule_step(self) -> int:
+        """The schedules' clock at the start of this RL step: its first optimizer step,
+        ``rl_step * updates_per_step`` (the LR scheduler then steps once per update)."""
+        return self.rl_step * self.updates_per_step
 
     # ------------------------------------------------------------------ phases
     def _restore_rng(self) -> None:
@@ -222,62 +240,81 @@ class RLModule(L.LightningModule):
         if sleep:
             self.engine.wake(["kv_cache"])
 
-    def _reference_and_old_logprobs(self, rollout: Rollout) -> dict[str, float]:
-        """The frozen reference's log-probs (KL term), the rollout policy's (several updates per
-        rollout), and with an engine that reports its own, the sampler/trainer gap and the
-        truncated-IS weights (``rollout.tis_cap``)."""
-        mbs = self.grad_sync.micro_batches(len(rollout), self.s["trainer"].micro_batch_size)
-        metrics: dict[str, float] = {}
+    def _train_batch(self, rollout: Rollout, prepared: Prepared, metrics: dict[str, float]) -> TrainBatch:
+        """The log-prob phases and the batch they complete: the frozen reference's log-probs (KL
+        term), the rollout policy's (several updates per rollout) and, with an engine that reports
+        its own, the sampler/trainer gap and the truncated-IS weights (``rollout.tis_cap``). The
+        passes see the loss mask as the completions' attention mask."""
+        seqs = TrainBatch.assemble(rollout, prepared)  # the inputs of the log-prob passes
+        mbs = self.grad_sync.micro_batches(len(seqs), self.s["trainer"].micro_batch_size)
         t0 = time.perf_counter()
-        if self.algo.needs_reference:  # LoRA: the policy with its adapters disabled (framework/models/lora.py)
-            with reference_model(self.policy, self.reference) as ref:
-                if ref is not None:
-                    rollout.logp_ref = self.logprobs.no_grad(ref, rollout, mbs)
+        logp_ref = self._reference_logprobs(seqs, mbs)
         metrics["timing_s/ref_logp"] = time.perf_counter() - t0
-        metrics["timing_s/old_logp"] = 0.0
-        # several optimizer steps per rollout (ppo_epochs or mini-batches): every step after the
-        # first is off-policy, so the rollout policy's log-probs are taken once, before any update,
-        # and every mini-batch's ratio (and clip) is against them
-        if self.algo.needs_old_logprobs or self.updates_per_step > 1:
-            t1 = time.perf_counter()
-            rollout.logp_old = self.logprobs.no_grad(self.policy, rollout, mbs)
-            metrics["timing_s/old_logp"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        logp_old = self.logprobs.no_grad(self.policy, seqs, mbs) if self.off_policy else None
+        metrics["timing_s/old_logp"] = time.perf_counter() - t1
+        tis = None
         if rollout.logp_sampler is not None:
             t1 = time.perf_counter()
-            lp = rollout.logp_old if rollout.logp_old is not None else self.logprobs.no_grad(self.policy, rollout, mbs)
+            lp = logp_old if logp_old is not None else self.logprobs.no_grad(self.policy, seqs, mbs)
             metrics["timing_s/old_logp"] += time.perf_counter() - t1
-            m = rollout.completion_mask
-            metrics.update(sampler_gap(rollout.logp_sampler, lp, m))
-            if metrics["rollout/logp_diff_mean"] > self.s["rollout"].logp_diff_warn:
-                log.warning(
-                    "WARNING: step %d: sampler/trainer log-prob gap %.3g (stale engine weights or a "
-                    "prompt-processing mismatch?)",
-                    self.rl_step,
-                    metrics["rollout/logp_diff_mean"],
-                )
-            cap = self.s["rollout"].tis_cap
-            if cap:  # truncated importance sampling: correct for the sampler/trainer mismatch
-                from algorithms.losses import truncated_is_weights
+            tis = self._sampler_correction(rollout.logp_sampler, lp, seqs.completion_mask, metrics)
+        return TrainBatch.assemble(
+            rollout, prepared, logp_ref=logp_ref, logp_old=logp_old, tis_weights=tis, off_policy=self.off_policy
+        )
 
-                rollout.tis_weights = truncated_is_weights(lp, rollout.logp_sampler, cap, m)
-                metrics.update(tis_metrics(rollout.tis_weights, cap, m))
-        return metrics
+    def _reference_logprobs(self, seqs: TrainBatch, mbs) -> torch.Tensor | None:
+        """[N, T] under the frozen reference when the algorithm has a KL term, else None. LoRA:
+        the policy with its adapters disabled (framework/models/lora.py)."""
+        if not self.algo.needs_reference:
+            return None
+        with reference_model(self.policy, self.reference) as ref:
+            return self.logprobs.no_grad(ref, seqs, mbs) if ref is not None else None
 
-    def _log_step(self, rollout, result: UpdateResult, metrics, algo_metrics, sched, t_step, update_s) -> None:
+    def _sampler_correction(self, logp_sampler, logp_trainer, mask, metrics: dict[str, float]):
+        """The sampler/trainer gap metrics, and the truncated-IS weights [N, T] when
+        ``rollout.tis_cap`` is set (else None)."""
+        metrics.update(sampler_gap(logp_sampler, logp_trainer, mask))
+        if metrics["rollout/logp_diff_mean"] > self.s["rollout"].logp_diff_warn:
+            log.warning(
+                "WARNING: step %d: sampler/trainer log-prob gap %.3g (stale engine weights or a "
+                "prompt-processing mismatch?)",
+                self.rl_step,
+                metrics["rollout/logp_diff_mean"],
+            )
+        cap = self.s["rollout"].tis_cap
+        if not cap:
+            return None
+        weights = truncated_is_weights(logp_trainer, logp_sampler, cap, mask)
+        metrics.update(tis_metrics(weights, cap, mask))
+        return weights
+
+    def _log_step(
+        self,
+        rollout: Rollout,
+        prepared: Prepared,
+        batch: TrainBatch,
+        result: UpdateResult,
+        metrics,
+        sched,
+        t_step,
+        update_s,
+    ) -> None:
         metrics.update(result.stats)
         if result.skipped:
             metrics["nonfinite_skipped"] = 1.0
-        metrics.update(algo_metrics)
+        metrics.update(prepared.metrics)
         G = self.s["rollout"].group_size
-        metrics.update(rollout_metrics(rollout, G))
+        # the rewards the advantages came from (shaped), the lengths the loss counted
+        metrics.update(rollout_metrics(rollout, G, rewards=prepared.rewards, mask=prepared.loss_mask))
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["timing_s/step"] = time.perf_counter() - t_step
         metrics.update(
             step_perf(
-                rollout,
+                batch,
                 {"step": metrics["timing_s/step"], "update": update_s},
                 ppo_epochs=self.algo.ppo_epochs,
-                no_grad_passes=int(rollout.logp_ref is not None) + int(rollout.logp_old is not None),
+                no_grad_passes=int(self.algo.needs_reference) + int(self.off_policy),
                 n_params=self._n_text_params,
                 peak=self._peak_flops,
             )
@@ -286,7 +323,7 @@ class RLModule(L.LightningModule):
         self._log(reduce_over_ranks(metrics, world), group_pass_rates=pass_rates(rollout, G).tolist())
         every = self.s["trainer"].log_completions_every
         if every and (self.rl_step - 1) % every == 0:
-            self._log_table(rollout)
+            self._log_table(rollout, prepared)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -351,7 +388,7 @@ class RLModule(L.LightningModule):
             else:
                 lg.log_metrics(row, step=self.rl_step)
 
-    def _log_table(self, rollout: Rollout) -> None:
+    def _log_table(self, rollout: Rollout, prepared: Prepared) -> None:
         """A W&B table of sampled completions: the prompt's image(s), question, answer,
         completion, reward and advantage, one row per completion of the first groups."""
         loggers = self._wandb_loggers()
@@ -360,7 +397,7 @@ class RLModule(L.LightningModule):
         import wandb
 
         n = min(16, len(rollout))
-        adv = rollout.advantages
+        adv = prepared.advantages
         cols = ["step", "images", "question", "answer", "completion", "reward", "advantage"]
         data = []
         for i in range(n):
@@ -373,8 +410,8 @@ class RLModule(L.LightningModule):
                     rec["question"],
                     rec["answer"],
                     rollout.texts[i],
-                    float(rollout.rewards[i]),
-                    float(adv[i]) if adv is not None else 0.0,
+                    float(prepared.rewards[i]),
+                    float(adv[i]),
                 ]
             )
         for lg in loggers:

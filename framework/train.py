@@ -74,10 +74,11 @@ def check_early(cfg: DictConfig) -> dict[str, Any]:
 
     t = sections["trainer"]
     check_machine(t)
-    algo_cfg = OmegaConf.to_container(cfg.algorithm, resolve=True)
-    pre = build_algorithm(algo_cfg, total_steps=1)
-    total = t.max_steps * pre.ppo_epochs * t.num_mini_batches
-    algorithm = build_algorithm(algo_cfg, total_steps=total)
+    # built once: the schedules' clock ends at max_steps x ppo_epochs x num_mini_batches
+    # optimizer steps (algorithms/base.py, "step clock")
+    algorithm = build_algorithm(
+        OmegaConf.to_container(cfg.algorithm, resolve=True), rl_steps=t.max_steps, num_mini_batches=t.num_mini_batches
+    )
     rewards = RewardSet.from_config(OmegaConf.to_container(cfg.reward, resolve=True))
     engine_cls = ROLLOUT_ENGINES.get(sections["rollout"].engine)
     if hasattr(engine_cls, "check_available"):  # e.g. vLLM not installed: say how, before any model loads

@@ -1,4 +1,13 @@
-"""Data that flows between rollout, rewards, algorithms and the update.
+"""Data that flows between the phases of an RL step, each the value one phase returns and the
+next one takes (nothing downstream rewrites what an earlier phase produced):
+
+    collector          -> Rollout       completions, rewards, prompt inputs   framework/rollout/collector.py
+    Algorithm.prepare  -> Prepared      shaped rewards, advantages, beta_i,   algorithms/base.py
+                                        the loss mask, metrics
+    log-prob phases    -> tensors       reference / rollout-policy log-probs, framework/module.py
+                                        truncated-IS weights
+    TrainBatch.assemble -> TrainBatch   all of it, complete: what the update  framework/update.py
+                                        and Algorithm.loss take
 
 Shapes: N = number of completions in the batch (num_prompts * G), T = padded completion
 length, P = padded prompt length. The G completions of one prompt are contiguous and share
@@ -19,8 +28,10 @@ _LIST_FIELDS = ("texts", "records")
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
+    """What the collector returns: the sampled completions of one RL step and their rewards."""
+
     completion_ids: torch.Tensor  # [N, T] long, right padded
     completion_mask: torch.Tensor  # [N, T] float, 1 on tokens that count (incl. EOS)
     group_ids: torch.Tensor  # [N] long, sample i belongs to group group_ids[i]
@@ -28,12 +39,7 @@ class Rollout:
     correct: torch.Tensor  # [N] float in {0,1}, from the correctness reward only
     truncated: torch.Tensor  # [N] bool, hit max_new_tokens without EOS
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [N]
-    logp_old: torch.Tensor | None = None  # [N, T] log-probs under the rollout policy
-    logp_ref: torch.Tensor | None = None  # [N, T] log-probs under the frozen reference
-    logp_sampler: torch.Tensor | None = None  # [N, T] log-probs reported by the engine
-    advantages: torch.Tensor | None = None  # [N] set by Algorithm.prepare
-    kl_coef: torch.Tensor | None = None  # [N] per-sample KL weight beta_i, set by prepare
-    tis_weights: torch.Tensor | None = None  # [N, T] truncated IS weights sampler -> trainer (rollout.tis_cap)
+    logp_sampler: torch.Tensor | None = None  # [N, T] log-probs reported by the engine (None: it reports none)
     # the model inputs of each sample's prompt: input_ids / attention_mask / mm_token_type_ids
     # [N, P] (left padded) and the image rows pixel_values / image_grid_thw of its images
     prompt_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -53,34 +59,11 @@ class Rollout:
     def select(self, idx: torch.Tensor | list[int]) -> Rollout:
         """Rows ``idx`` of every per-sample field, prompt inputs and image rows included
         (``extras`` are kept as they are)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        rows = idx.tolist()
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                out[f.name] = v[idx]
-            elif f.name == "reward_components":
-                out[f.name] = {k: t[idx] for k, t in v.items()}
-            elif f.name in _LIST_FIELDS and v:
-                out[f.name] = [v[i] for i in rows]
-        if self.prompt_inputs:
-            from framework.rollout.inputs import select_inputs
-
-            out["prompt_inputs"] = select_inputs(self.prompt_inputs, rows, self.images_per_sample)
-            out["images_per_sample"] = [self.images_per_sample[i] for i in rows]
-        return replace(self, **out)
+        return _select(self, idx)
 
     def to(self, device, *, prompt_inputs: bool = True) -> Rollout:
         """Every tensor on ``device`` (the prompt inputs too unless ``prompt_inputs=False``)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                out[f.name] = v.to(device)
-            elif f.name == "reward_components" or (f.name == "prompt_inputs" and prompt_inputs):
-                out[f.name] = {k: t.to(device) for k, t in v.items()}
-        return replace(self, **out)
+        return _to(self, device, prompt_inputs)
 
     @staticmethod
     def concat(parts: list[Rollout]) -> Rollout:
@@ -110,6 +93,129 @@ class Rollout:
             else:  # an optional tensor field that is None
                 out[f.name] = None
         return Rollout(**out)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``Algorithm.prepare`` returns for one rollout: everything the loss needs from the
+    algorithm, decided once per RL step (a value: the rollout it came from is not changed).
+
+    rewards [N]: the rewards after ``shape_rewards`` (what the advantages came from; logged);
+    advantages [N]; kl_coef [N]: the per-sample KL weight beta_i = schedule(step) * shaping_i;
+    loss_mask [N, T] float: the tokens that count in the loss (``Algorithm.loss_mask``: the
+    completion mask, truncated completions zeroed when ``mask_truncated_completions``);
+    metrics: the logged values of the preparation (``advantages/*``, ``beta``, ``stcr/*``, ...).
+    """
+
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    kl_coef: torch.Tensor
+    loss_mask: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One typed training batch: what the update phase and ``Algorithm.loss`` take, complete.
+
+    Every tensor is set; where a phase did not run, :meth:`assemble` fills the neutral value and
+    a flag decided when the run was built says so: ``logp_ref`` is zeros when the algorithm has
+    no KL term (``Algorithm.needs_reference`` False: the loss leaves the term out statically),
+    ``logp_old`` is zeros when ``off_policy`` is False (one on-policy update per rollout: the
+    loss takes ``logp.detach()``, rho = 1), ``tis_weights`` is ones without the truncated-IS
+    correction (``rollout.tis_cap``).
+
+    completion_mask [N, T] float is the loss mask (``Prepared.loss_mask``); the log-prob passes
+    take it as the completions' attention mask too.
+    """
+
+    completion_ids: torch.Tensor  # [N, T] long
+    completion_mask: torch.Tensor  # [N, T] float, the loss mask
+    group_ids: torch.Tensor  # [N] long
+    advantages: torch.Tensor  # [N]
+    kl_coef: torch.Tensor  # [N] beta_i
+    logp_old: torch.Tensor  # [N, T] rollout policy's log-probs (zeros unless off_policy)
+    logp_ref: torch.Tensor  # [N, T] reference log-probs (zeros without a KL term)
+    tis_weights: torch.Tensor  # [N, T] truncated-IS weights sampler -> trainer (ones without)
+    prompt_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    images_per_sample: list[int] = field(default_factory=list)
+    off_policy: bool = False  # several optimizer steps per rollout: the ratio is against logp_old
+
+    @staticmethod
+    def assemble(
+        rollout: Rollout,
+        prepared: Prepared,
+        *,
+        logp_ref: torch.Tensor | None = None,
+        logp_old: torch.Tensor | None = None,
+        tis_weights: torch.Tensor | None = None,
+        off_policy: bool = False,
+    ) -> TrainBatch:
+        """The batch of ``rollout`` as ``prepared`` says to train on it, with the log-prob
+        phases' tensors (None: that phase did not run; zeros, or ones for ``tis_weights``)."""
+        mask = prepared.loss_mask
+        if off_policy and logp_old is None:
+            raise ValueError("an off-policy batch needs the rollout policy's log-probs (logp_old)")
+        return TrainBatch(
+            completion_ids=rollout.completion_ids,
+            completion_mask=mask,
+            group_ids=rollout.group_ids,
+            advantages=prepared.advantages,
+            kl_coef=prepared.kl_coef,
+            logp_old=torch.zeros_like(mask) if logp_old is None else logp_old,
+            logp_ref=torch.zeros_like(mask) if logp_ref is None else logp_ref,
+            tis_weights=torch.ones_like(mask) if tis_weights is None else tis_weights,
+            prompt_inputs=rollout.prompt_inputs,
+            images_per_sample=rollout.images_per_sample,
+            off_policy=off_policy,
+        )
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Counted tokens per sample (the loss mask's), [N] float."""
+        return self.completion_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return int(self.group_ids.shape[0])
+
+    def select(self, idx: torch.Tensor | list[int]) -> TrainBatch:
+        """Rows ``idx`` of every per-sample field, prompt inputs and image rows included."""
+        return _select(self, idx)
+
+    def to(self, device, *, prompt_inputs: bool = True) -> TrainBatch:
+        """Every tensor on ``device`` (the prompt inputs too unless ``prompt_inputs=False``)."""
+        return _to(self, device, prompt_inputs)
+
+
+def _select(obj, idx):
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    rows = idx.tolist()
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            out[f.name] = v[idx]
+        elif f.name == "reward_components":
+            out[f.name] = {k: t[idx] for k, t in v.items()}
+        elif f.name in _LIST_FIELDS and v:
+            out[f.name] = [v[i] for i in rows]
+    if obj.prompt_inputs:
+        from framework.rollout.inputs import select_inputs
+
+        out["prompt_inputs"] = select_inputs(obj.prompt_inputs, rows, obj.images_per_sample)
+        out["images_per_sample"] = [obj.images_per_sample[i] for i in rows]
+    return replace(obj, **out)
+
+
+def _to(obj, device, prompt_inputs: bool):
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            out[f.name] = v.to(device)
+        elif f.name == "reward_components" or (f.name == "prompt_inputs" and prompt_inputs):
+            out[f.name] = {k: t.to(device) for k, t in v.items()}
+    return replace(obj, **out)
 
 
 def _renumber_groups(group_ids: list[torch.Tensor]) -> torch.Tensor:

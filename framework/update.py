@@ -1,5 +1,5 @@
 """The update phase of an RL step: ``ppo_epochs`` x ``num_mini_batches`` optimizer steps over
-one prepared rollout, each the sum of micro-batch backward passes.
+one :class:`framework.types.TrainBatch`, each the sum of micro-batch backward passes.
 
     for each ppo epoch:
         split the groups into mini-batches            (a group's G samples stay together)
@@ -25,7 +25,7 @@ import torch
 from framework.distributed import GradientSync, clip_grad_norm
 from framework.errors import ConfigError, NonFiniteError
 from framework.logprobs import RolloutLogProbs
-from framework.types import LossNormalizer, Rollout
+from framework.types import LossNormalizer, TrainBatch
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,15 @@ class PolicyUpdate:
         # Lightning's manual_backward (precision plugin, strategy hooks); plain autograd elsewhere
         self.backward = backward or (lambda loss: loss.backward())
 
-    def __call__(self, rollout: Rollout, optimizer, scheduler, *, rl_step: int, optimizer_step: int) -> UpdateResult:
+    def __call__(self, batch: TrainBatch, optimizer, scheduler, *, rl_step: int, optimizer_step: int) -> UpdateResult:
+        """``optimizer_step``: the schedule clock at this RL step's first update
+        (``RLModule.schedule_step``); the LR scheduler steps once per update."""
         res = UpdateResult()
         per_step: dict[str, list[float]] = defaultdict(list)
         for epoch in range(self.algo.ppo_epochs):
-            for rows in self.mini_batches(rollout, epoch):
+            for rows in self.mini_batches(batch, epoch):
                 step = optimizer_step + res.optimizer_steps
-                stats = self._mini_batch(rollout.select(rows), optimizer, rl_step=rl_step, optimizer_step=step)
+                stats = self._mini_batch(batch.select(rows), optimizer, rl_step=rl_step, optimizer_step=step)
                 if stats is not None:
                     gn = self._grad_norm_and_clip()
                     if math.isfinite(gn):
@@ -91,12 +93,12 @@ class PolicyUpdate:
         res.stats = {k: sum(v) / len(v) for k, v in per_step.items()}
         return res
 
-    def mini_batches(self, rollout: Rollout, epoch: int) -> list[list[int]]:
+    def mini_batches(self, batch: TrainBatch, epoch: int) -> list[list[int]]:
         """Row indices of exactly ``num_mini_batches`` mini-batches of whole groups, shuffled
         whenever the batch is split or reused (the first epoch of a single mini-batch keeps the
         rollout's order). Lightning's max_steps and the LR and KL schedules count on exactly
         that many optimizer steps per epoch, so an uneven split is an error, not fewer steps."""
-        groups = rollout.group_ids.unique()
+        groups = batch.group_ids.unique()
         k = self.num_mini_batches
         if len(groups) % k:
             raise ConfigError(
@@ -107,11 +109,11 @@ class PolicyUpdate:
         if k > 1 or epoch > 0:
             groups = groups[torch.randperm(len(groups))]
         return [
-            torch.cat([torch.nonzero(rollout.group_ids == g).flatten() for g in chunk]).tolist()
+            torch.cat([torch.nonzero(batch.group_ids == g).flatten() for g in chunk]).tolist()
             for chunk in groups.chunk(k)
         ]
 
-    def _mini_batch(self, sub: Rollout, optimizer, *, rl_step: int, optimizer_step: int) -> dict[str, float] | None:
+    def _mini_batch(self, sub: TrainBatch, optimizer, *, rl_step: int, optimizer_step: int) -> dict[str, float] | None:
         """Accumulate the gradient of one mini-batch's loss; its loss terms (this rank's share of
         the global sums), or None when a non-finite loss made every rank skip it."""
         norm = self.sync.normalizer(

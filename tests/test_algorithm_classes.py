@@ -1,5 +1,6 @@
 """Tests of the trainer-facing Algorithm classes, their configs and the plugin path."""
 
+import dataclasses
 import math
 import statistics
 import sys
@@ -15,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 from algorithms import build_algorithm  # noqa: E402
 from algorithms.losses import make_normalizer  # noqa: E402
 from framework.registry import ALGORITHMS, UnknownNameError, import_plugins  # noqa: E402
-from framework.types import LossNormalizer, Rollout  # noqa: E402
+from framework.types import LossNormalizer, Rollout, TrainBatch  # noqa: E402
 
 YAMLS = sorted((ROOT / "configs" / "algorithm").glob("*.yaml"))
 
@@ -152,11 +153,14 @@ def test_grpo_prepare():
     rewards = [1.0, 0.0, 0.5, 1.0, 0.3, 0.3, 0.3, 0.3]
     ro = make_rollout(rewards, [1, 0, 0, 1, 0, 0, 0, 0], [0] * 4 + [1] * 4, [3] * 8)
     algo = build_algorithm({"name": "grpo"}, 100)
-    m = algo.prepare(ro, step=5)
+    before = ro.rewards.clone()
+    p = algo.prepare(ro, step=5)
+    m = p.metrics
     g = rewards[:4]
     want = [(r - sum(g) / 4) / (statistics.stdev(g) + 1e-4) for r in g] + [0.0] * 4
-    torch.testing.assert_close(ro.advantages.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
-    assert torch.all(ro.kl_coef == 0.04)
+    torch.testing.assert_close(p.advantages.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.all(p.kl_coef == 0.04)
+    assert torch.equal(p.loss_mask, ro.completion_mask) and torch.equal(ro.rewards, before)  # nothing rewritten
     assert m["frac_reward_zero_std"] == 0.5 and m["beta"] == 0.04
     assert {"advantages/mean", "advantages/std", "beta/effective"} <= set(m)
 
@@ -168,14 +172,15 @@ def test_apo_prepare():
     rewards = [c + 0.5 for c in correct]  # accuracy + 0.5 * format (format all 1)
     ro = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
     algo = build_algorithm({"name": "apo"}, 100)
-    m = algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
+    m = p.metrics
     a = 0.5 / (statistics.stdev([1.5, 1.5, 0.5, 0.5]) + 1e-4)  # |A| in group 0
     w = 2 - 1.00001**-285
     want_adv = [a, a, -a * w, -a, 0, 0, 0, 0]
-    torch.testing.assert_close(ro.advantages, torch.tensor(want_adv, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(p.advantages, torch.tensor(want_adv, dtype=torch.float64), atol=1e-12, rtol=0)
     f = 1 - math.exp(-math.e * 0.5)
     want_kl = [1e-3 * f, 1e-3 * f] + [1e-3] * 6
-    torch.testing.assert_close(ro.kl_coef, torch.tensor(want_kl, dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(p.kl_coef, torch.tensor(want_kl, dtype=torch.float64), atol=1e-15, rtol=0)
     assert m["stcr/frac_penalised"] == pytest.approx(1 / 8)
     assert m["stcr/mean_weight"] == pytest.approx((7 + w) / 8)
     assert m["dads/frac_positive"] == pytest.approx(2 / 8)
@@ -184,18 +189,19 @@ def test_apo_prepare():
 
     off = build_algorithm({"name": "apo", "dads": {"enabled": False}, "stcr": {"enabled": False}}, 100)
     ro2 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
-    off.prepare(ro2, 0)
+    p2 = off.prepare(ro2, 0)
     grpo = build_algorithm({"name": "grpo", "kl": {"coef": 1e-3}}, 100)
     ro3 = make_rollout(rewards, correct, [0] * 4 + [1] * 4, [10, 20, 300, 5, 8, 8, 8, 8], dtype=torch.float64)
-    grpo.prepare(ro3, 0)
-    assert torch.equal(ro2.advantages, ro3.advantages) and torch.equal(ro2.kl_coef, ro3.kl_coef)
+    p3 = grpo.prepare(ro3, 0)
+    assert torch.equal(p2.advantages, p3.advantages) and torch.equal(p2.kl_coef, p3.kl_coef)
 
 
 def test_grpo_d_prepare_uses_schedule():
     algo = build_algorithm({"name": "grpo_d", "kl": {"schedule": {"beta_min": 0.04, "beta_max": 0.1}}}, 200)
     ro = make_rollout([1.0, 0.0], [1, 0], [0, 0], [2, 2])
-    assert algo.prepare(ro, step=30)["beta"] == pytest.approx(0.055)
-    assert torch.allclose(ro.kl_coef, torch.full((2,), 0.055))
+    p = algo.prepare(ro, step=30)
+    assert p.metrics["beta"] == pytest.approx(0.055)
+    assert torch.allclose(p.kl_coef, torch.full((2,), 0.055))
 
 
 def test_keep_groups():
@@ -255,16 +261,15 @@ def test_loss_gradient_against_reference(overrides):
     rewards = [c + 0.5 * (i % 3 != 0) for i, c in enumerate(correct)]
     ro = make_rollout(rewards, correct, [0] * 4 + [1] * 4, lengths, T=T, dtype=torch.float64)
     algo = build_algorithm(overrides, 50)
-    algo.prepare(ro, step=10)
+    prepared = algo.prepare(ro, step=10)
     logp_now = -torch.rand(N, T, generator=g, dtype=torch.float64) * 2
-    ro.logp_old = (
-        logp_now + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64) if algo.needs_old_logprobs else None
-    )
-    ro.logp_ref = logp_now + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    logp_old = logp_now + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64) if algo.needs_old_logprobs else None
+    logp_ref = logp_now + 0.3 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    batch = TrainBatch.assemble(ro, prepared, logp_ref=logp_ref, logp_old=logp_old, off_policy=algo.needs_old_logprobs)
     norm = LossNormalizer(num_sequences=N, num_tokens=float(sum(lengths)), max_len=L_max)
 
     logp = logp_now.clone().requires_grad_(True)
-    loss, metrics = algo.loss(logp, ro, norm)
+    loss, metrics = algo.loss(logp, batch, norm)
     loss.backward()
 
     logp_r = logp_now.clone().requires_grad_(True)
@@ -275,9 +280,9 @@ def test_loss_gradient_against_reference(overrides):
         "kl_agg": algo.cfg.kl_agg or algo.cfg.loss_agg,
         "estimator": algo.cfg.kl.estimator,
     }
-    old = ro.logp_old if ro.logp_old is not None else logp_now
+    old = logp_old if logp_old is not None else logp_now
     ref = reference_loss(
-        logp_r, old, ro.logp_ref, ro.completion_mask, ro.advantages, ro.kl_coef, cfg, N, sum(lengths), L_max
+        logp_r, old, logp_ref, ro.completion_mask, prepared.advantages, prepared.kl_coef, cfg, N, sum(lengths), L_max
     )
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-10
@@ -293,7 +298,7 @@ def test_loss_gradient_against_reference(overrides):
     logp_mb = logp_now.clone().requires_grad_(True)
     total = dict.fromkeys(metrics, 0.0)
     for idx in (torch.tensor([0, 1, 2]), torch.tensor([3]), torch.tensor([4, 5, 6, 7])):
-        mb = ro.select(idx)
+        mb = batch.select(idx)
         l_mb, m_mb = algo.loss(logp_mb[idx], mb, norm)
         l_mb.backward()
         for k, v in m_mb.items():
@@ -303,24 +308,48 @@ def test_loss_gradient_against_reference(overrides):
         assert total[k] == pytest.approx(v.item(), abs=1e-12), k
 
 
-def test_loss_on_policy_metrics_and_errors():
+def test_loss_on_policy_metrics_and_static_terms():
     ro = make_rollout([1.0, 0.0], [1, 0], [0, 0], [3, 2], dtype=torch.float64)
     algo = build_algorithm({"name": "grpo"}, 10)
     logp = torch.full((2, 3), -1.0, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match="prepare"):
-        algo.loss(logp, ro, make_normalizer(ro.completion_mask))
-    algo.prepare(ro, 0)
-    with pytest.raises(ValueError, match="logp_ref"):
-        algo.loss(logp, ro, make_normalizer(ro.completion_mask))
-    ro.logp_ref = torch.full((2, 3), -1.5, dtype=torch.float64)
-    loss, m = algo.loss(logp, ro, make_normalizer(ro.completion_mask))
+    ref = torch.full((2, 3), -1.5, dtype=torch.float64)
+    batch = TrainBatch.assemble(ro, algo.prepare(ro, 0), logp_ref=ref)
+    assert not batch.off_policy and torch.all(batch.tis_weights == 1) and torch.all(batch.logp_old == 0)
+    loss, m = algo.loss(logp, batch, make_normalizer(ro.completion_mask))
     assert m["kl"].item() == pytest.approx(math.exp(-0.5) - 0.5)  # k3 at x = -0.5
     assert m["clip_ratio/low"].item() == 0 == m["clip_ratio/high"].item()
+    # no KL term (beta = 0 at every step): the term is off statically, logp_ref is zeros
     no_kl = build_algorithm({"name": "grpo", "kl": {"coef": 0.0}}, 10)
-    ro.logp_ref = None
-    no_kl.prepare(ro, 0)
-    loss, m = no_kl.loss(logp, ro, make_normalizer(ro.completion_mask))
-    assert m["kl"].item() == 0 and torch.isfinite(loss)
+    assert not no_kl.needs_reference
+    batch = TrainBatch.assemble(ro, no_kl.prepare(ro, 0))
+    assert torch.all(batch.logp_ref == 0)
+    loss, m = no_kl.loss(logp, batch, make_normalizer(ro.completion_mask))
+    assert m["kl"].item() == 0 == m["kl_loss"].item() and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="logp_old"):
+        TrainBatch.assemble(ro, no_kl.prepare(ro, 0), off_policy=True)
+
+
+def test_loss_mask_moves_into_the_algorithm():
+    """mask_truncated_completions: the loss mask zeroes truncated completions; STCR (in prepare)
+    still saw their lengths; the rollout's own completion mask is left as it was."""
+    ro = make_rollout([1.0, 0.0, 0.0, 1.0], [1, 0, 0, 1], [0] * 4, [2, 3, 3, 1], T=3, dtype=torch.float64)
+    ro = dataclasses.replace(ro, truncated=torch.tensor([False, True, False, False]))
+    mask_before = ro.completion_mask.clone()
+    p = build_algorithm({"name": "grpo", "mask_truncated_completions": True}, 10).prepare(ro, 0)
+    want = mask_before.clone()
+    want[1] = 0.0
+    assert torch.equal(p.loss_mask, want) and torch.equal(ro.completion_mask, mask_before)
+    keep = build_algorithm({"name": "grpo"}, 10).prepare(ro, 0)
+    assert torch.equal(keep.loss_mask, mask_before)
+
+
+def test_algorithm_built_once_counts_optimizer_steps():
+    """rl_steps x ppo_epochs x num_mini_batches: the schedule clock's end, from one build."""
+    a = build_algorithm({"name": "grpo", "ppo_epochs": 3}, rl_steps=10, num_mini_batches=2)
+    assert a.total_steps == 60
+    assert build_algorithm({"name": "grpo"}, rl_steps=7).total_steps == 7
+    with pytest.raises(TypeError):
+        build_algorithm({"name": "grpo"}, 5, rl_steps=5)
 
 
 # ------------------------------------------------------------------ plugin
@@ -334,11 +363,11 @@ def test_plugin_registers_and_changes_advantages():
     algo = build_algorithm({"name": "grpo_len", "length_penalty": 0.01}, 10)
     # equal accuracy, different lengths: GRPO gives A = 0, the plugin prefers the short one
     ro = make_rollout([1.0, 1.0], [1, 1], [0, 0], [10, 50])
-    algo.prepare(ro, 0)
-    assert ro.advantages[0] > 0 > ro.advantages[1]
-    assert torch.allclose(ro.rewards, torch.tensor([0.9, 0.5]))
+    p = algo.prepare(ro, 0)
+    assert p.advantages[0] > 0 > p.advantages[1]
+    assert torch.allclose(p.rewards, torch.tensor([0.9, 0.5]))
+    assert torch.equal(ro.rewards, torch.tensor([1.0, 1.0]))  # the rollout's own rewards are kept
     ro = make_rollout([1.0, 1.0], [1, 1], [0, 0], [10, 50])
-    build_algorithm({"name": "grpo"}, 10).prepare(ro, 0)
-    assert torch.all(ro.advantages == 0)
+    assert torch.all(build_algorithm({"name": "grpo"}, 10).prepare(ro, 0).advantages == 0)
     with pytest.raises(ValueError, match="algorithm.length_penalty"):
         build_algorithm({"name": "grpo_len", "length_penalty": -1.0}, 10)

@@ -55,7 +55,8 @@ def test_the_readme_example_runs_and_clips_the_advantages():
     algo = build_algorithm({"name": "grpo_clipped_adv", "clip": 0.5, "kl": {"coef": 0.0}}, total_steps=10)
     rewards = [1.0, 0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0]
     ro = _rollout(rewards, group=4)
-    metrics = algo.prepare(ro, step=0)
+    prepared = algo.prepare(ro, step=0)
+    metrics = prepared.metrics
     # by hand: group-normalised (unbiased std, eps 1e-4), then clamped to [-0.5, 0.5]
     expected = []
     for g in range(2):
@@ -63,7 +64,7 @@ def test_the_readme_example_runs_and_clips_the_advantages():
         mean = sum(r) / 4
         std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)
         expected += [max(-0.5, min(0.5, (x - mean) / (std + 1e-4))) for x in r]
-    assert ro.advantages.tolist() == pytest.approx(expected, abs=1e-6)
+    assert prepared.advantages.tolist() == pytest.approx(expected, abs=1e-6)
     # the unclipped values are 1.5 and -0.5 (x3) per group: two of eight exceed the clip
     assert metrics["advantages/clipped_frac"] == pytest.approx(2 / 8)
 

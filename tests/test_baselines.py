@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from algorithms import build_algorithm  # noqa: E402
 from framework.registry import ALGORITHMS  # noqa: E402
-from framework.types import LossNormalizer, Rollout  # noqa: E402
+from framework.types import LossNormalizer, Prepared, Rollout, TrainBatch  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 NEW = ["gspo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "cispo"]
@@ -256,6 +256,11 @@ def check_micro_batches(algo, ro, logits, ids, loss, grad, metrics):
         assert acc[k] == pytest.approx(float(v), abs=1e-12), k
 
 
+def batch(ro, prepared, *, ref=None, old=None):
+    """The TrainBatch of ``ro`` as the trainer assembles it (off-policy when ``old`` is given)."""
+    return TrainBatch.assemble(ro, prepared, logp_ref=ref, logp_old=old, off_policy=old is not None)
+
+
 def close(a, b, tol=1e-12):
     return (torch.as_tensor(a, dtype=F64) - torch.as_tensor(b, dtype=F64)).abs().max().item() < tol
 
@@ -345,19 +350,18 @@ def test_bad_values_name_the_key(cfg, key):
 def test_rloo_advantages_and_loss_against_reference():
     ro = make_rollout()
     algo = yaml_algo("rloo")
-    algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
     A = ref_rloo_adv(REWARDS)
-    assert close(ro.advantages, A)
-    assert all(a == 0 for a in ro.advantages[4:8].tolist())  # zero-variance group
+    assert close(p.advantages, A)
+    assert all(a == 0 for a in p.advantages[4:8].tolist())  # zero-variance group
     # k/(k-1) (r_i - mean): an RLOO advantage is a rescaled Dr. GRPO one
-    assert close(ro.advantages[:4], [4 / 3 * (r - sum(REWARDS[:4]) / 4) for r in REWARDS[:4]])
-    assert close(ro.kl_coef, [0.03] * N)
+    assert close(p.advantages[:4], [4 / 3 * (r - sum(REWARDS[:4]) / 4) for r in REWARDS[:4]])
+    assert close(p.kl_coef, [0.03] * N)
 
     logits, ids, old, ref = tiny_model()
-    ro.logp_ref = ref
     for off_policy in (False, True):
-        ro.logp_old = old if off_policy else None
-        loss, grad, metrics = assembled(algo, ro, logits, ids)
+        b = batch(ro, p, ref=ref, old=old if off_policy else None)
+        loss, grad, metrics = assembled(algo, b, logits, ids)
         L, g = reference(
             lambda lp, op=off_policy: ref_ppo_loss(
                 lp,
@@ -375,18 +379,18 @@ def test_rloo_advantages_and_loss_against_reference():
         )
         assert close(loss, L) and close(grad, g)
         assert grad[5].abs().max() == 0 and grad[4:8].abs().sum() > 0  # (group 1: only the KL term)
-        check_micro_batches(algo, ro, logits, ids, loss, grad, metrics)
+        check_micro_batches(algo, b, logits, ids, loss, grad, metrics)
 
 
 def test_rloo_on_policy_gradient_is_reinforce_on_the_sequence_log_prob():
     """d loss / d logp_it = -A_i / B on every counted token (token sum, no length division)."""
     ro = make_rollout()
     algo = build("rloo", kl={"coef": 0.0})
-    algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
     logp = (-torch.rand(N, T, dtype=F64)).requires_grad_(True)
-    loss, _ = algo.loss(logp, ro, norm_for())
+    loss, _ = algo.loss(logp, batch(ro, p), norm_for())
     loss.backward()
-    want = -ro.advantages[:, None] / N * ro.completion_mask
+    want = -p.advantages[:, None] / N * ro.completion_mask
     assert close(logp.grad, want)
 
 
@@ -395,65 +399,64 @@ def test_rloo_on_policy_gradient_is_reinforce_on_the_sequence_log_prob():
 def test_reinforce_pp_advantages_and_loss_against_reference(variant):
     ro = make_rollout()
     algo = yaml_algo(variant)
-    algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
     baseline = variant.endswith("baseline")
     A = ref_rpp_adv(REWARDS, baseline=baseline)
-    assert close(ro.advantages, A)
+    assert close(p.advantages, A)
     # global, not per group: the zero-variance group keeps an advantage (-mean/std of the batch's
     # x, small with the group baseline), where GRPO and RLOO give it 0
-    assert ro.advantages[4:8].abs().min() > (0.01 if baseline else 0.05)
+    assert p.advantages[4:8].abs().min() > (0.01 if baseline else 0.05)
     # tokens-weighted: the 7-token answer counts 7 times (samples-weighted differs)
     assert not close(ref_rpp_adv(REWARDS, baseline=baseline, by="samples"), A, 1e-3)
     ro_s = make_rollout()
-    build("reinforce_pp", baseline="group_mean" if baseline else "none", normalize_by="samples").prepare(ro_s, 0)
-    assert close(ro_s.advantages, ref_rpp_adv(REWARDS, baseline=baseline, by="samples"))
+    p_s = build("reinforce_pp", baseline="group_mean" if baseline else "none", normalize_by="samples").prepare(ro_s, 0)
+    assert close(p_s.advantages, ref_rpp_adv(REWARDS, baseline=baseline, by="samples"))
 
     logits, ids, old, ref = tiny_model(1)
-    ro.logp_ref, ro.logp_old = ref, old
+    b = batch(ro, p, ref=ref, old=old)
     beta = algo.beta(0)
-    loss, grad, metrics = assembled(algo, ro, logits, ids)
+    loss, grad, metrics = assembled(algo, b, logits, ids)
     L, g = reference(
         lambda lp: ref_ppo_loss(lp, old, ref, A, [beta] * N, eps_lo=0.2, eps_hi=0.2, agg="token_mean", kind="k2"),
         logits,
         ids,
     )
     assert close(loss, L) and close(grad, g)
-    check_micro_batches(algo, ro, logits, ids, loss, grad, metrics)
+    check_micro_batches(algo, b, logits, ids, loss, grad, metrics)
 
 
 def test_reinforce_pp_equal_rewards_give_zero_advantages():
     ro = make_rollout(rewards=[1.0] * N)
-    build("reinforce_pp").prepare(ro, 0)
-    assert torch.all(ro.advantages == 0)
+    assert torch.all(build("reinforce_pp").prepare(ro, 0).advantages == 0)
 
 
 # ------------------------------------------------------------------ GSPO
 def test_gspo_advantages_and_loss_against_reference():
     ro = make_rollout()
     algo = yaml_algo("gspo", "algorithm.ppo_epochs=2")  # off-policy: the sequence clip acts
-    algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
     A = ref_grpo_adv(REWARDS)
-    assert close(ro.advantages, A)
-    assert torch.all(ro.kl_coef == 0)
+    assert close(p.advantages, A)
+    assert torch.all(p.kl_coef == 0)
     logits, ids, old, ref = tiny_model(2)
     # sequence 0 (A > 0) well above the clip range, sequence 2 (A > 0) inside it
     with torch.no_grad():
         lp = logp_of(logits, ids)
     old[0, :7] = lp[0, :7] - 0.01
     old[2, :5] = lp[2, :5] - torch.tensor([1e-4, -1e-4, 2e-4, 0.0, 0.0], dtype=F64)
-    ro.logp_old, ro.logp_ref = old, ref
-    loss, grad, metrics = assembled(algo, ro, logits, ids)
+    b = batch(ro, p, ref=ref, old=old)
+    loss, grad, metrics = assembled(algo, b, logits, ids)
     L, g = reference(lambda x: ref_gspo_loss(x, old, ref, A, [0.0] * N, eps_lo=3e-4, eps_hi=4e-4), logits, ids)
     assert close(loss, L) and close(grad, g)
     assert grad[0].abs().max() == 0 and grad[2].abs().max() > 0  # clipped sequence: no gradient at all
     n_clipped = sum(LENGTHS[i] for i in range(N) if _gspo_clipped(lp, old, A, i))
     assert float(metrics["clip_ratio"]) == pytest.approx(n_clipped / sum(LENGTHS))
-    check_micro_batches(algo, ro, logits, ids, loss, grad, metrics)
+    check_micro_batches(algo, b, logits, ids, loss, grad, metrics)
 
     # GSPO-token: same values and gradients with one advantage per sequence (paper, section 4.3)
     tok = yaml_algo("gspo", "algorithm.ppo_epochs=2", "algorithm.variant=token")
-    tok.prepare(ro, step=0)
-    loss_t, grad_t, metrics_t = assembled(tok, ro, logits, ids)
+    p = tok.prepare(ro, step=0)
+    loss_t, grad_t, metrics_t = assembled(tok, batch(ro, p, ref=ref, old=old), logits, ids)
     assert close(loss_t, loss) and close(grad_t, grad)
     assert float(metrics_t["clip_ratio"]) == pytest.approx(float(metrics["clip_ratio"]))
 
@@ -488,12 +491,15 @@ def test_gspo_length_normalisation_on_two_sequences():
     d, A = 0.05, 1.0
     lengths = [2, 6]
     ro = make_rollout(rewards=[1.0, 0.0], lengths=lengths, correct=[1, 0], groups=[0, 1], T=6)
-    ro.advantages = torch.tensor([A, A], dtype=F64)
-    ro.kl_coef = torch.zeros(2, dtype=F64)
+    prepared = Prepared(
+        rewards=ro.rewards,
+        advantages=torch.tensor([A, A], dtype=F64),
+        kl_coef=torch.zeros(2, dtype=F64),
+        loss_mask=ro.completion_mask,
+    )
     logp = torch.full((2, 6), -1.0, dtype=F64).requires_grad_(True)
-    ro.logp_old = logp.detach() - d
     algo = build("gspo", ppo_epochs=2, clip_low=0.5, clip_high=0.5)
-    loss, _ = algo.loss(logp, ro, LossNormalizer(2.0, 8.0, 6.0))
+    loss, _ = algo.loss(logp, batch(ro, prepared, old=logp.detach() - d), LossNormalizer(2.0, 8.0, 6.0))
     loss.backward()
     s = math.exp(d)
     assert loss.item() == pytest.approx(-(s * A + s * A) / 2, abs=1e-14)
@@ -506,11 +512,10 @@ def test_gspo_length_normalisation_on_two_sequences():
 def test_gspo_on_policy_equals_grpo_without_kl():
     ro_a, ro_b = make_rollout(), make_rollout()
     gspo, grpo = build("gspo"), build("grpo", kl={"coef": 0.0})
-    gspo.prepare(ro_a, 0)
-    grpo.prepare(ro_b, 0)
+    ba, bb = batch(ro_a, gspo.prepare(ro_a, 0)), batch(ro_b, grpo.prepare(ro_b, 0))
     logits, ids, _, _ = tiny_model(3)
-    la, ga, _ = assembled(gspo, ro_a, logits, ids)
-    lb, gb, _ = assembled(grpo, ro_b, logits, ids)
+    la, ga, _ = assembled(gspo, ba, logits, ids)
+    lb, gb, _ = assembled(grpo, bb, logits, ids)
     assert close(la, lb) and close(ga, gb)
 
 
@@ -518,45 +523,43 @@ def test_gspo_on_policy_equals_grpo_without_kl():
 def test_cispo_advantages_and_loss_against_reference():
     ro = make_rollout()
     algo = yaml_algo("cispo", "algorithm.ppo_epochs=2")
-    algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
     A = ref_grpo_adv(REWARDS)
-    assert close(ro.advantages, A)
+    assert close(p.advantages, A)
     logits, ids, old, ref = tiny_model(4)
     with torch.no_grad():
         lp = logp_of(logits, ids)
     old[0, 1] = lp[0, 1] - 2.0  # ratio e^2 = 7.4 > 1 + 5: the weight is capped at 6
     old[1, 0] = lp[1, 0] + 3.0  # ratio e^-3, no lower bound: the weight stays e^-3
-    ro.logp_old, ro.logp_ref = old, ref
-    loss, grad, metrics = assembled(algo, ro, logits, ids)
+    b = batch(ro, p, ref=ref, old=old)
+    loss, grad, metrics = assembled(algo, b, logits, ids)
     L, g = reference(lambda x: ref_cispo_loss(x, old, A, eps_lo=1.0, eps_hi=5.0), logits, ids)
     assert close(loss, L) and close(grad, g)
     assert float(metrics["clip_ratio/high"]) == pytest.approx(1 / sum(LENGTHS))
-    check_micro_batches(algo, ro, logits, ids, loss, grad, metrics)
+    check_micro_batches(algo, b, logits, ids, loss, grad, metrics)
 
 
 def test_cispo_token_above_the_cap_keeps_a_gradient_scaled_by_the_cap():
     ro = make_rollout()
     cispo, grpo = build("cispo", ppo_epochs=2), build("grpo", ppo_epochs=2, kl={"coef": 0.0})
-    cispo.prepare(ro, 0)
-    A = ro.advantages.clone()
+    p = cispo.prepare(ro, 0)
+    A = p.advantages.clone()
     assert A[0] > 0
     logp = (-torch.rand(N, T, dtype=F64) - 0.1).detach()
     old = logp.clone()
     old[0, 1] = logp[0, 1] - 2.0  # ratio e^2 > 1 + eps_high = 6
     old[0, 2] = logp[0, 2] - 0.5  # ratio e^0.5 < 6: weight = ratio
-    ro.logp_old = old
     n_tok = sum(LENGTHS)
     lc = logp.clone().requires_grad_(True)
-    cispo.loss(lc, ro, norm_for())[0].backward()
+    cispo.loss(lc, batch(ro, p, old=old), norm_for())[0].backward()
     assert float(lc.grad[0, 1]) == pytest.approx(-6.0 * float(A[0]) / n_tok, rel=1e-12)
     assert float(lc.grad[0, 2]) == pytest.approx(-math.exp(0.5) * float(A[0]) / n_tok, rel=1e-12)
     assert float(lc.grad[0, 0]) == pytest.approx(-float(A[0]) / n_tok, rel=1e-12)  # on-policy token
     # the PPO clip drops the same token (no gradient): what CISPO avoids
     ro_g = make_rollout()
-    grpo.prepare(ro_g, 0)
-    ro_g.logp_old = old
+    b_g = batch(ro_g, grpo.prepare(ro_g, 0), old=old)
     lg = logp.clone().requires_grad_(True)
-    grpo.loss(lg, ro_g, norm_for())[0].backward()
+    grpo.loss(lg, b_g, norm_for())[0].backward()
     assert lg.grad[0, 1] == 0 and lg.grad[0, 0] != 0
 
 
@@ -576,14 +579,13 @@ def test_gspo_with_the_grpo_d_schedule():
         assert a.needs_reference and type(a).__name__ == "GSPO"
         for step, beta in ((0, 0.07), (30, 0.055), (60, 0.04), (130, 0.07), (200, 0.1)):
             ro = make_rollout()
-            m = a.prepare(ro, step=step)
-            assert m["beta"] == pytest.approx(beta) and close(ro.kl_coef, [beta] * N, 1e-15)
+            p = a.prepare(ro, step=step)
+            assert p.metrics["beta"] == pytest.approx(beta) and close(p.kl_coef, [beta] * N, 1e-15)
     # the KL term joins the GSPO loss: (1/B) sum_i (1/|o_i|) sum_t beta k3
     ro = make_rollout()
-    algo.prepare(ro, step=30)
+    p = algo.prepare(ro, step=30)
     logits, ids, old, ref = tiny_model(6)
-    ro.logp_ref = ref
-    loss, grad, _ = assembled(algo, ro, logits, ids)
+    loss, grad, _ = assembled(algo, batch(ro, p, ref=ref), logits, ids)
     A = ref_grpo_adv(REWARDS)
     L, g = reference(lambda x: ref_gspo_loss(x, x.detach(), ref, A, [0.055] * N, eps_lo=3e-4, eps_hi=4e-4), logits, ids)
     assert close(loss, L) and close(grad, g)
@@ -596,23 +598,24 @@ def test_rloo_with_dads():
         build_algorithm({"name": "rloo", "kl": {"sample_weight": "dads"}}, 50),
     ):
         ro = make_rollout()
-        m = algo.prepare(ro, step=0)
+        prep = algo.prepare(ro, step=0)
+        m = prep.metrics
         A = ref_rloo_adv(REWARDS)
-        assert close(ro.advantages, A)  # DADS leaves the advantages alone
+        assert close(prep.advantages, A)  # DADS leaves the advantages alone
         p = pass_rates()
         want = [0.03 * dads_f(p[i]) if A[i] > 0 else 0.03 for i in range(N)]
-        assert close(ro.kl_coef, want, 1e-15)
+        assert close(prep.kl_coef, want, 1e-15)
         assert want[0] == pytest.approx(0.03 * (1 - math.exp(-math.e / 2)))  # group 0: p = 1/2
         assert m["dads/frac_positive"] == pytest.approx(sum(a > 0 for a in A) / N)
         assert m["beta/effective"] == pytest.approx(sum(want) / N)
     # the earlier variant: f = exp(-e d)
     ro = make_rollout()
-    build("rloo", kl={"sample_weight": "dads_exp"}).prepare(ro, 0)
+    prep = build("rloo", kl={"sample_weight": "dads_exp"}).prepare(ro, 0)
     want = [
         0.03 * (math.exp(-math.e * (1 - p)) if 0 < p < 1 else 1.0) if a > 0 else 0.03
         for p, a in zip(pass_rates(), ref_rloo_adv(REWARDS))
     ]
-    assert close(ro.kl_coef, want, 1e-15)
+    assert close(prep.kl_coef, want, 1e-15)
 
 
 def test_rloo_with_stcr():
@@ -620,15 +623,16 @@ def test_rloo_with_stcr():
     lam = 1.5
     algo = yaml_algo("rloo", "algorithm.stcr.enabled=true", f"algorithm.stcr.lam={lam}")
     ro = make_rollout()
-    m = algo.prepare(ro, step=0)
+    p = algo.prepare(ro, step=0)
+    m = p.metrics
     A0 = ref_rloo_adv(REWARDS)
     want = ref_stcr(A0, lam)
-    assert close(ro.advantages, want)
+    assert close(p.advantages, want)
     changed = [i for i in range(N) if want[i] != A0[i]]
     assert changed == [10, 11]  # group 2: correct lengths 2, 4 (L+ = 3); wrong 7 and 6 tokens, A < 0
     assert want[10] == pytest.approx(A0[10] * (2 - lam**-4))
     assert m["stcr/frac_penalised"] == pytest.approx(2 / N)
-    assert close(ro.kl_coef, [0.03] * N)
+    assert close(p.kl_coef, [0.03] * N)
     # off by default, for every algorithm but APO
     for name in ("grpo", "gspo", "rloo", "reinforce_pp", "cispo"):
         assert not build(name).cfg.stcr.enabled and build(name).sample_weight == "none"
@@ -639,13 +643,13 @@ def test_apo_is_grpo_with_both_components():
     ro_a, ro_b = make_rollout(), make_rollout()
     apo = build("apo", loss_agg="seq_mean_token_mean", kl_agg=None, stcr={"lam": 1.5})
     grpo = build("grpo", kl={"coef": 1e-3, "sample_weight": "dads"}, stcr={"enabled": True, "lam": 1.5})
-    ma, mb = apo.prepare(ro_a, 0), grpo.prepare(ro_b, 0)
-    assert torch.equal(ro_a.advantages, ro_b.advantages) and torch.equal(ro_a.kl_coef, ro_b.kl_coef)
-    assert ma == mb
+    pa, pb = apo.prepare(ro_a, 0), grpo.prepare(ro_b, 0)
+    assert torch.equal(pa.advantages, pb.advantages) and torch.equal(pa.kl_coef, pb.kl_coef)
+    assert pa.metrics == pb.metrics
     want_A = ref_stcr(ref_grpo_adv(REWARDS), 1.5)
     p = pass_rates()
-    assert close(ro_a.advantages, want_A)
-    assert close(ro_a.kl_coef, [1e-3 * dads_f(p[i]) if want_A[i] > 0 else 1e-3 for i in range(N)], 1e-15)
+    assert close(pa.advantages, want_A)
+    assert close(pa.kl_coef, [1e-3 * dads_f(p[i]) if want_A[i] > 0 else 1e-3 for i in range(N)], 1e-15)
     # dads.enabled=false hands the shaping to kl.sample_weight
     off = build("apo", dads={"enabled": False})
     assert off.sample_weight == "none"

@@ -27,7 +27,7 @@ from algorithms.base import build_algorithm
 from framework.logprobs import completion_logprobs
 from framework.models.loading import load_model
 from framework.rollout.inputs import completion_mask, encode_prompts, expand_inputs, select_inputs, training_inputs
-from framework.types import LossNormalizer, Rollout
+from framework.types import LossNormalizer, Prepared, Rollout, TrainBatch
 
 G = 4  # completions per prompt
 T = 12  # padded completion length
@@ -114,8 +114,13 @@ def _rollout(s) -> Rollout:
         rewards=s["rewards"].clone(),
         correct=s["correct"].clone(),
         truncated=s["truncated"],
-        logp_ref=s["logp_ref"],
     )
+
+
+def _batch(s, algo, rollout: Rollout) -> tuple[Prepared, TrainBatch]:
+    """What the trainer hands the loss: the preparation and the batch with the reference log-probs."""
+    prepared = algo.prepare(rollout, step=0)
+    return prepared, TrainBatch.assemble(rollout, prepared, logp_ref=s["logp_ref"])
 
 
 def _algorithm(name: str):
@@ -213,13 +218,13 @@ def test_loss_gradient_matches_reference_formula(setup, name):
     model, mask = s["model"], s["mask"]
     algo = _algorithm(name)
     rollout = _rollout(s)
-    algo.prepare(rollout, step=0)
+    prepared, batch = _batch(s, algo, rollout)
 
     # advantages and per-sample KL weights against the independent reference
     A = ref_advantages(s["rewards"], s["correct"], mask.sum(-1), s["group_ids"], stcr_lam=spec["stcr_lam"])
     beta_i = ref_kl_weights(A, s["correct"], s["group_ids"], spec["beta"], dads=spec["dads"])
-    torch.testing.assert_close(rollout.advantages.double(), A, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rollout.kl_coef.double(), beta_i, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prepared.advantages.double(), A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prepared.kl_coef.double(), beta_i, rtol=1e-12, atol=1e-12)
     if name == "apo":  # both components really act on this batch
         A_plain = ref_advantages(s["rewards"], s["correct"], mask.sum(-1), s["group_ids"])
         assert (A - A_plain).abs().max() > 0.1
@@ -228,7 +233,7 @@ def test_loss_gradient_matches_reference_formula(setup, name):
     logp = _logp(model, s["pin"], s["ids"], mask)
     assert logp.dtype == torch.float64
     norm = LossNormalizer(num_sequences=mask.shape[0], num_tokens=float(mask.sum()), max_len=T)
-    loss, _ = algo.loss(logp, rollout, norm)
+    loss, _ = algo.loss(logp, batch, norm)
     params = _params(model)
     g_fw = torch.autograd.grad(loss, params, retain_graph=True)
 
@@ -263,18 +268,17 @@ def test_micro_batch_gradients_sum_to_full_batch(setup, name):
     s = setup
     model, mask = s["model"], s["mask"]
     algo = _algorithm(name)
-    rollout = _rollout(s)
-    algo.prepare(rollout, step=0)
+    _, batch = _batch(s, algo, _rollout(s))
     norm = LossNormalizer(num_sequences=mask.shape[0], num_tokens=float(mask.sum()), max_len=T)
     params = _params(model)
 
-    loss, _ = algo.loss(_logp(model, s["pin"], s["ids"], mask), rollout, norm)
+    loss, _ = algo.loss(_logp(model, s["pin"], s["ids"], mask), batch, norm)
     g_full = torch.autograd.grad(loss, params)
 
     acc = [torch.zeros_like(p) for p in params]
     total = 0.0
     for rows in ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11]):  # not aligned with the groups
-        mb = rollout.select(torch.tensor(rows))
+        mb = batch.select(torch.tensor(rows))
         pin = select_inputs(s["pin"], rows, s["ips"])
         mb_loss, _ = algo.loss(_logp(model, pin, mb.completion_ids, mb.completion_mask), mb, norm)
         total += float(mb_loss.detach())

@@ -50,7 +50,7 @@ class NaNGradient(GRPO):
 
 class NaNRewards(GRPO):
     def shape_rewards(self, rollout):
-        rollout.rewards = rollout.rewards * float("nan")
+        return rollout.rewards * float("nan")
 
 
 ALGORITHMS.register("test_nan_grad", NaNGradient, override=True)

@@ -116,7 +116,7 @@ def _register_nan_algorithm():
         """Test-only: poisons the rewards so the advantages and the loss are NaN."""
 
         def shape_rewards(self, rollout):
-            rollout.rewards = rollout.rewards * float("nan")
+            return rollout.rewards * float("nan")
 
     ALGORITHMS.register("test_nan", NaNRewards, override=True)
 

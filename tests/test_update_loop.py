@@ -4,6 +4,7 @@ gradient strategy on one process, padding passes, and several optimizer steps pe
 rollout policy's log-probs, checked against a float64 hand computation of the PPO loss."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from framework.rollout.base import SamplingParams
 from framework.rollout.collector import RolloutCollector
 from framework.rollout.hf import HFGenerateEngine
 from framework.rollout.inputs import encode_prompts
-from framework.types import LossNormalizer
+from framework.types import LossNormalizer, TrainBatch
 from framework.update import PolicyUpdate
 from rewards import RewardSet
 
@@ -59,8 +60,7 @@ def _rollout(model, bundle, n_prompts=4, seed=0):
     ro, _ = collector(_records(n_prompts), rl_step=0)
     rewards.close()
     # hand-made rewards with a spread in every group, so that the advantages are not zero
-    ro.rewards = torch.randn(len(ro), generator=torch.Generator().manual_seed(seed))
-    return ro
+    return dataclasses.replace(ro, rewards=torch.randn(len(ro), generator=torch.Generator().manual_seed(seed)))
 
 
 def _hand_logp(model, mb) -> torch.Tensor:
@@ -123,7 +123,7 @@ def test_padding_passes_add_nothing_to_the_gradient(tiny):
     model, bundle = tiny
     ro = _rollout(model, bundle)
     algo = build_algorithm({"name": "grpo", "kl": {"coef": 0.0}}, total_steps=1)
-    algo.prepare(ro, step=0)
+    batch = TrainBatch.assemble(ro, algo.prepare(ro, step=0))
     grads = []
     for sync in (GradientSync(), _PaddedSync()):
         m = copy.deepcopy(model)
@@ -137,7 +137,7 @@ def test_padding_passes_add_nothing_to_the_gradient(tiny):
             max_len=10,
             grad_clip=None,
         )
-        sub = ro.select(list(range(len(ro))))
+        sub = batch.select(list(range(len(batch))))
         stats = up._mini_batch(sub, torch.optim.SGD(m.parameters(), lr=0.0), rl_step=0, optimizer_step=0)
         grads.append((stats, torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])))
     (s0, g0), (s1, g1) = grads
@@ -152,12 +152,13 @@ def test_later_optimizer_steps_are_clipped_against_the_rollout_policy(tiny, epoc
     policy = copy.deepcopy(model)
     ro = _rollout(policy, bundle)
     algo = build_algorithm({"name": "grpo", "kl": {"coef": 0.0}, "ppo_epochs": epochs}, total_steps=2)
-    algo.prepare(ro, step=0)
+    prepared = algo.prepare(ro, step=0)
     lp = RolloutLogProbs(1.0, 64, "cpu")
     sync = GradientSync()
     # what the module does before the first update when one rollout feeds several steps
-    ro.logp_old = lp.no_grad(policy, ro, sync.micro_batches(len(ro), 64))
-    torch.testing.assert_close(ro.logp_old.double(), _hand_logp(policy, ro), atol=1e-5, rtol=0)
+    logp_old = lp.no_grad(policy, ro, sync.micro_batches(len(ro), 64))
+    torch.testing.assert_close(logp_old.double(), _hand_logp(policy, ro), atol=1e-5, rtol=0)
+    batch = TrainBatch.assemble(ro, prepared, logp_old=logp_old, off_policy=True)
 
     up = PolicyUpdate(policy, algo, lp, sync, micro_batch_size=64, num_mini_batches=minis, max_len=10, grad_clip=None)
     seen = []  # (rows of the mini-batch, the loss the algorithm computed, its clip ratio, policy then)
@@ -180,16 +181,16 @@ def test_later_optimizer_steps_are_clipped_against_the_rollout_policy(tiny, epoc
     algo.loss = record_loss
     opt = torch.optim.Adam(policy.parameters(), lr=0.05)  # a large step: the second ratio must leave [0.8, 1.2]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    res = up(ro, opt, sched, rl_step=0, optimizer_step=0)
+    res = up(batch, opt, sched, rl_step=0, optimizer_step=0)
     del algo.loss
     assert res.optimizer_steps == 2 and res.skipped == 0 and len(seen) == 2 and len(batches) == 2
 
     # the second step: its loss is the PPO loss of the moved policy against the rollout policy
     rows = batches[1]
-    mb = ro.select(rows)
+    mb = batch.select(rows)
     moved = copy.deepcopy(model)
     moved.load_state_dict(seen[1][2])
-    want = _hand_ppo_loss(_hand_logp(moved, mb), ro.logp_old[rows].double(), mb.advantages.double(), mb.completion_mask)
+    want = _hand_ppo_loss(_hand_logp(moved, mb), logp_old[rows].double(), mb.advantages.double(), mb.completion_mask)
     assert seen[1][0] == pytest.approx(want, abs=1e-5)
     assert seen[0][1] == 0.0  # the first step is on-policy: ratio 1, nothing clipped
     assert seen[1][1] > 0.0  # the clip binds once the policy has moved

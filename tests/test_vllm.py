@@ -222,7 +222,7 @@ def test_sync_pushes_hf_named_weights_and_resets_caches_sleep_wakes_weights_firs
 def test_truncated_is_weights_scale_the_policy_gradient():
     from algorithms.base import build_algorithm
     from algorithms.losses import truncated_is_weights
-    from framework.types import LossNormalizer, Rollout
+    from framework.types import LossNormalizer, Rollout, TrainBatch
 
     lt = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
     ls = torch.tensor([[-1.0, -1.0, -2.5], [-0.2, -1.0, 0.0]])
@@ -242,13 +242,12 @@ def test_truncated_is_weights_scale_the_policy_gradient():
         correct=torch.tensor([1.0, 0.0]),
         truncated=torch.tensor([False, False]),
     )
-    algo.prepare(r, step=0)
+    prepared = algo.prepare(r, step=0)
     norm = LossNormalizer(num_sequences=2.0, num_tokens=5.0, max_len=3.0)
 
     def grad(tis):
-        r.tis_weights = tis
         logp = lt.clone().requires_grad_(True)
-        loss, _ = algo.loss(logp, r, norm)
+        loss, _ = algo.loss(logp, TrainBatch.assemble(r, prepared, tis_weights=tis), norm)
         loss.backward()
         return logp.grad
 

@@ -6,6 +6,8 @@ Use it without editing apo-rl: put this folder on PYTHONPATH and run with
 
 from dataclasses import dataclass
 
+import torch
+
 from algorithms.base import check_nonneg
 from algorithms.grpo import GRPO, AlgorithmConfig
 from framework.registry import ALGORITHMS
@@ -27,5 +29,5 @@ class GRPOLen(GRPO):
 
     Config = GRPOLenConfig
 
-    def shape_rewards(self, rollout) -> None:
-        rollout.rewards = rollout.rewards - self.cfg.length_penalty * rollout.lengths
+    def shape_rewards(self, rollout) -> torch.Tensor:
+        return rollout.rewards - self.cfg.length_penalty * rollout.lengths
