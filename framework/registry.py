@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from framework.errors import ConfigError, DependencyError, UnknownNameError
+from framework.errors import ConfigError, DependencyError, UnknownNameError, UserError
 
 
 class PluginImportError(DependencyError):
@@ -145,12 +145,16 @@ def import_plugins(modules: Iterable[str] | str | None) -> None:
             raise PluginImportError(
                 f"{where} could not be imported: {e}. Check that it is installed or on PYTHONPATH."
             ) from e
+        except UserError:  # a plugin's own one-line error (e.g. a name registered twice) stays as it is
+            raise
         except Exception as e:  # the module's own code failed: name it, its error and where
             tb = e.__traceback__
             while tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
             at = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if isinstance(e, SyntaxError):  # raised by the compiler: the place is the error's own
+                at, msg = f" at {e.filename}:{e.lineno}", e.msg or ""
             raise PluginImportError(
                 f"{where} raised {type(e).__name__}{': ' + msg if msg else ''} while it was imported{at}; "
                 "fix the module (APO_RL_DEBUG=1 shows the traceback)"

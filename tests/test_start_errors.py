@@ -160,12 +160,23 @@ def test_a_plugin_raising_at_import_is_named_with_its_error(tmp_path):
         "plugin module 'boom_plugin' (from plugins=[...]) raised RuntimeError: broken on purpose while it was imported",
     )
     assert f"{tmp_path / 'plug' / 'boom_plugin.py'}:3" in line
-    with pytest.raises(PluginImportError, match="raised RuntimeError: broken on purpose"):
-        sys.path.insert(0, str(tmp_path / "plug"))
-        try:
+    (tmp_path / "plug" / "typo_plugin.py").write_text("x = 1\ndef f(:\n    pass\n")
+    (tmp_path / "plug" / "own_error_plugin.py").write_text(
+        "from framework.errors import ConfigError\n\nraise ConfigError('my_reward is already registered')\n"
+    )
+    sys.path.insert(0, str(tmp_path / "plug"))
+    try:
+        with pytest.raises(PluginImportError, match="raised RuntimeError: broken on purpose"):
             import_plugins("boom_plugin")
-        finally:
-            sys.path.remove(str(tmp_path / "plug"))
+        typo = "plugin module 'typo_plugin' (from plugins=[...]) raised SyntaxError: invalid syntax while it was "
+        typo += f"imported at {tmp_path / 'plug' / 'typo_plugin.py'}:2;"
+        with pytest.raises(PluginImportError) as e:
+            import_plugins(["typo_plugin"])
+        assert str(e.value).startswith(typo), str(e.value)
+        with pytest.raises(ConfigError, match="^my_reward is already registered$"):  # a plugin's own user error
+            import_plugins(["own_error_plugin"])
+    finally:
+        sys.path.remove(str(tmp_path / "plug"))
 
 
 # ----------------------------------------------------------------------------- known with the model or the data
