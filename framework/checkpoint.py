@@ -640,12 +640,14 @@ def resume_config(cfg: DictConfig, explicit: dict[str, Any]) -> tuple[DictConfig
     default = cfg.get("output_dir") if not named and run_folder_of(d) is None else None  # Hydra's new folder
     out, same = resume_folder(d, named, default, info)
     merged.output_dir = str(out)
+    if info is None:  # a checkpoint without run.json (an older version): no step to check
+        return merged, None, d
     info = RunInfo(
-        rl_step=info.rl_step if info else -1,
+        rl_step=info.rl_step,
         output_dir=str(out),
-        wandb_id=info.wandb_id if info and same else None,  # another folder: its own W&B run
+        wandb_id=info.wandb_id if same else None,  # another folder: its own W&B run
     )
-    if info.rl_step >= 0 and int(merged.trainer.max_steps) <= info.rl_step:
+    if int(merged.trainer.max_steps) <= info.rl_step:
         if int(merged.trainer.max_steps) == info.rl_step:  # its final checkpoint: a finished run
             info.complete = True
             return merged, info, d

@@ -264,3 +264,13 @@ def test_disk_full_while_writing_a_checkpoint_removes_the_partial_and_keeps_the_
     assert _ckpts(tmp_path) == ["step-000001"]  # no step-000002.partial left
     assert check_complete(tmp_path / "checkpoints" / "step-000001", verify_hashes=True) is None
     assert (tmp_path / "checkpoints" / "step-000001" / MARKER).is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_the_first_step_is_one_line_and_130(tmp_path):
+    run = Run(*SMALL, "trainer.max_steps=2", "hydra.run.dir=run", cwd=tmp_path)
+    run.wait_for("recipe differs")  # checked before the model loads
+    run.p.send_signal(signal.SIGINT)
+    rc, out = run.finish(timeout=300)
+    assert rc == 130, out[-3000:]
+    assert "interrupted (Ctrl-C) before the first RL step" in out and "Traceback" not in out
