@@ -183,9 +183,7 @@ def test_a_run_prints_its_budget(caplog):
             "config", overrides=["output_dir=/tmp/x", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4"]
         )
     early = check_early(cfg)
-    _print_memory_budget(
-        resolve_path(early["sections"]["model"].name_or_path), early["sections"], early["algorithm"], cfg
-    )
+    _print_memory_budget(resolve_path(early["sections"]["model"].name_or_path), early["sections"], early["algorithm"])
     out = caplog.text
     assert "memory budget" in out
     for row in (
