@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from framework.config import DataConfig, ModelConfig, RolloutConfig, check_section
-    from framework.data import load_data, to_record
+    from framework.data import control_token_list, load_data, to_record
     from framework.data.validation import validate_records
     from framework.evaluation import Evaluator
     from framework.models.loading import load_model, load_model_bundle, resolve_path
@@ -124,7 +124,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             max_prompt_tokens=data.max_prompt_tokens,
             on_invalid=data.on_invalid,
             split=split,
-        )  # skipped records are logged (a warning with the summary)
+            max_image_bytes=data.max_image_bytes,
+            control_tokens=data.control_tokens,
+            special_tokens=control_token_list(bundle),
+            max_record_bytes=data.max_record_bytes,
+            max_image_pixels=data.max_image_pixels,
+        )  # skipped records are logged (a warning with the summary); the data section's bounds, as in training
         records = [to_record(checked[i]) for i in range(len(checked))]
 
         engine = engine_cls(rollout, bundle, model)
