@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -49,9 +50,9 @@ from framework.metrics import (
     tis_metrics,
 )
 from framework.models.lora import reference_model
-from framework.rollout.base import SamplingParams
+from framework.rollout.base import EngineSpec, SamplingParams
 from framework.rollout.collector import DynamicSampling, RolloutCollector
-from framework.rollout.inputs import encode_prompts
+from framework.rollout.inputs import PromptEncoder
 from framework.types import Prepared, Rollout, TrainBatch
 from framework.update import PolicyUpdate, UpdateResult
 
@@ -67,23 +68,27 @@ class RLModule(L.LightningModule):
         bundle,
         algorithm,
         rewards,
-        engine_factory,
+        engine: EngineSpec,
+        encoder: PromptEncoder,
         sections,
         eval_records: list[dict] | None = None,
-        extra_prompts=None,
+        refills: Iterator[list[dict]] | None = None,
         batch_sampler=None,
         seed: int = 0,
     ):
+        """``engine``: the rollout engine to build once the device is known; ``encoder``: records
+        -> prompt inputs (the one processing path); ``refills``: the prompts of DAPO's refill
+        rounds (framework.train.RefillPrompts); ``batch_sampler``: repositioned on resume."""
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
         # Kept outside the module tree: not trained, not in the checkpoint, moved by hand.
         self.__dict__["reference"] = reference
         self.bundle, self.algo, self.rewards = bundle, algorithm, rewards
-        self.engine_factory = engine_factory
+        self.engine_spec, self.encoder = engine, encoder
         self.s = sections  # the typed, validated sections (framework.config.validate_run_config)
         self.eval_records = eval_records or []
-        self.extra_prompts = extra_prompts  # iterator of record lists for filter_groups refills
+        self.refills = refills  # iterator of record lists for filter_groups refills
         self.batch_sampler = batch_sampler  # repositioned on resume (framework.train.StepBatchSampler)
         self.seed = seed
         self.rl_step = 0
@@ -142,7 +147,7 @@ class RLModule(L.LightningModule):
         if self.reference is not None and not is_sharded(self.reference):
             self.reference.to(self.device)
         r, t = self.s["rollout"], self.s["trainer"]
-        self.engine = self.engine_factory(self.policy)
+        self.engine = self.engine_spec.build(self.policy)
         # perf/mfu: the language model's parameters (2 N FLOPs per token forward) and the GPU's peak
         self._n_text_params = sum(p.numel() for n, p in self.policy.named_parameters() if "visual" not in n)
         self._peak_flops = peak_flops(self.device)
@@ -151,7 +156,7 @@ class RLModule(L.LightningModule):
         fg = self.algo.filter_groups
         self.collector = RolloutCollector(
             self.engine,
-            self.encode,
+            self.encoder,
             self.rewards,
             self.bundle.tokenizer,
             SamplingParams(
@@ -160,7 +165,7 @@ class RLModule(L.LightningModule):
             group_size=r.group_size,
             seed=self.seed,
             seed_per_prompt=r.seed_per_prompt,
-            dynamic_sampling=DynamicSampling(self.algo.keep_groups, fg.max_extra_rounds, self.extra_prompts)
+            dynamic_sampling=DynamicSampling(self.algo.keep_groups, fg.max_extra_rounds, self.refills)
             if fg.enabled
             else None,
             collective=self.grad_sync.collective,
@@ -181,10 +186,6 @@ class RLModule(L.LightningModule):
     def on_fit_end(self):
         if self.engine is not None:
             self.engine.close()
-
-    def encode(self, records):
-        d = self.s["data"]
-        return encode_prompts(self.bundle, records, d.system_prompt, d.question_template)
 
     # ------------------------------------------------------------------ the step
     def training_step(self, records, batch_idx):

@@ -56,11 +56,15 @@ def use_rich_bar(enabled: bool) -> bool:
 class RLProgressBar(RichProgressBar):
     """Lightning's rich bar over ``trainer.max_steps`` RL steps; a resumed run starts at the RL
     step it resumed from. Its columns are the step's reward, accuracy, KL and step time (no
-    ``v_num``, no Lightning step counter)."""
+    ``v_num``, no Lightning step counter). ``max_steps``: the run's RL steps (``trainer.max_steps``)."""
+
+    def __init__(self, max_steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_steps = int(max_steps)
 
     @property
     def total_train_batches(self) -> int:
-        return int(self.trainer.lightning_module.s["trainer"].max_steps)
+        return self.max_steps
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "RL step"
@@ -94,4 +98,4 @@ class PlainProgress(Callback):
 
 def progress_callback(enabled: bool, log_every: int, max_steps: int) -> Callback:
     """The rich bar in a terminal, plain lines otherwise."""
-    return RLProgressBar() if use_rich_bar(enabled) else PlainProgress(log_every, max_steps)
+    return RLProgressBar(max_steps) if use_rich_bar(enabled) else PlainProgress(log_every, max_steps)

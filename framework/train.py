@@ -22,6 +22,8 @@ from framework.config import ConfigError, canonical_dtype, check_machine, valida
 from framework.loggers import finish_wandb, make_loggers, wandb_mode
 from framework.progress import progress_callback, use_rich_bar
 from framework.registry import ROLLOUT_ENGINES, TASKS, import_plugins
+from framework.rollout.base import EngineSpec
+from framework.rollout.inputs import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -198,35 +200,35 @@ def _print_memory_budget(path: str, s: dict, algorithm) -> None:
     b.log()
 
 
-def train(cfg: DictConfig) -> RunResult:
+# ----------------------------------------------------------------------------- builders
+# train() is the list of these, in order; each takes what the earlier ones built and is
+# testable alone (tests/test_builders.py). The order matters for clear errors (everything that
+# needs no weights first) and keeps the RNG stream of a run as it was.
+
+
+@dataclass
+class RunSetup:
+    """Where the run writes and what it continues: the output folder, the Lightning checkpoint
+    to resume (None: a new run), the config stored with every checkpoint, the W&B run id."""
+
+    out: Path
+    ckpt_path: str | None
+    run_config: dict
+    wandb_id: str | None
+    info: Any = None  # framework.checkpoint.RunInfo of a resumed run
+
+
+def build_run_setup(cfg: DictConfig, s: dict, info) -> RunSetup:
+    """The output folder (created), the resume checkpoint, the W&B id; seeds every RNG."""
     import lightning as L
 
-    from framework.checkpoint import RLCheckpoint, StopTraining, plain, resolve_resume
-    from framework.data import REPORT_NAME, control_token_list, prepare_data, to_record
-    from framework.distributed import make_strategy
-    from framework.models.loading import (
-        DTYPES,
-        check_model_options,
-        check_state_matches,
-        load_model,
-        load_model_bundle,
-        resolve_path,
-    )
-    from framework.module import RLModule
-    from framework.rollout.inputs import encode_prompts
+    from framework.checkpoint import plain, resolve_resume
 
-    cfg, info = continue_run(cfg)  # resume=: the stored run's config, before anything else
-    if info is not None and info.complete:  # its final checkpoint: a finished run, nothing to do
-        return RunResult(output_dir=Path(info.output_dir), history=[], final_checkpoint=info.checkpoint)
-    early = check_early(cfg)
-    s = early["sections"]
-    algorithm, rewards = early["algorithm"], early["rewards"]
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir is not set: give the run's folder, e.g. output_dir=outputs/my_run")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_resume(cfg.get("resume"), s["trainer"].strategy)
-    run_config = plain(cfg)
     wandb_id = info.wandb_id if info and info.wandb_id else None
     if wandb_id is None and s["logger"].wandb and wandb_mode(s["logger"]) != "disabled":
         from framework.loggers import new_wandb_id
@@ -234,8 +236,14 @@ def train(cfg: DictConfig) -> RunResult:
         wandb_id = new_wandb_id()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(False)
+    return RunSetup(out=out, ckpt_path=ckpt_path, run_config=plain(cfg), wandb_id=wandb_id, info=info)
 
-    # ---- model + processor
+
+def build_processor(s: dict, algorithm):
+    """The model's checks that need no weights (device, options, LoRA targets, memory budget),
+    then its tokenizer and processor: ``(path, bundle)``."""
+    from framework.models.loading import check_model_options, load_model_bundle, resolve_path
+
     path = resolve_path(s["model"].name_or_path)
     _check_device_for_model(path, s)
     check_model_options(path, s["model"])  # e.g. freeze_vision_tower on a text-only model
@@ -244,18 +252,53 @@ def train(cfg: DictConfig) -> RunResult:
 
         check_lora(path, s["model"].lora)
     _print_memory_budget(path, s, algorithm)
-    bundle = load_model_bundle(path)
-    # ---- data (checked record by record with the tokenizer only, before any weight loads;
-    # every problem goes to <run>/data_report.jsonl; nothing dropped silently)
+    return path, load_model_bundle(path)
+
+
+def to_records(rows: list[dict]) -> list[dict]:
+    """The DataLoader's collate: data set rows -> records (framework/data/schema.py)."""
+    from framework.data import to_record
+
+    return [to_record(r) for r in rows]
+
+
+class RefillPrompts:
+    """The prompts of DAPO's refill rounds (``algorithm.filter_groups``): an endless iterator of
+    ``n`` records drawn at random from ``dataset``, its own seeded stream (``seed + 7``)."""
+
+    def __init__(self, dataset, n: int, seed: int):
+        self.dataset, self.n = dataset, n
+        self.rng = random.Random(seed + 7)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        return to_records([self.dataset[self.rng.randrange(len(self.dataset))] for _ in range(self.n)])
+
+
+@dataclass
+class TrainData:
+    """The checked data of a run: the train split, the held-out records, the step sampler and
+    loader, and the refill prompts."""
+
+    train: Any
+    eval_records: list[dict]
+    sampler: StepBatchSampler
+    loader: torch.utils.data.DataLoader
+    refills: RefillPrompts
+
+
+def build_data(cfg: DictConfig, s: dict, encoder: PromptEncoder, bundle, out: Path) -> TrainData:
+    """Every record checked with the tokenizer only, before any weight loads (each problem goes
+    to ``<run>/data_report.jsonl``; nothing dropped silently); the splits, the held-out records
+    and the loader of the RL steps' prompts."""
+    from framework.data import REPORT_NAME, control_token_list, prepare_data, to_record
+
     data_cfg = s["data"].options(OmegaConf.to_container(cfg.data, resolve=True))
-    sysp, qt = s["data"].system_prompt, s["data"].question_template
-
-    def count_tokens(rec: dict) -> int:
-        return int(encode_prompts(bundle, [rec], sysp, qt).inputs["input_ids"].shape[1])
-
     splits, _ = prepare_data(
         data_cfg,
-        count_prompt_tokens=count_tokens,
+        count_prompt_tokens=encoder.count_tokens,
         special_tokens=control_token_list(bundle),
         report_path=out / REPORT_NAME if _launch_rank() == 0 else None,
         splits=("train", "test"),
@@ -267,19 +310,37 @@ def train(cfg: DictConfig) -> RunResult:
             f"model.name_or_path={s['model'].name_or_path} is a text-only model and the training records have "
             "images, which it would silently drop: use a vision-language model (or data=synthetic_text)"
         )
-    if len(splits["train"]) < s["trainer"].prompts_per_step:  # known now, before any weight loads
+    t = s["trainer"]
+    if len(splits["train"]) < t.prompts_per_step:  # known now, before any weight loads
         raise ConfigError(
-            f"trainer.prompts_per_step={s['trainer'].prompts_per_step} is larger than the train split "
+            f"trainer.prompts_per_step={t.prompts_per_step} is larger than the train split "
             f"({len(splits['train'])} records)"
         )
+    train_ds = splits["train"]
+    eval_records = (
+        [to_record(splits["test"][i]) for i in range(min(t.eval_size, len(splits["test"])))] if "test" in splits else []
+    )
+    sampler = StepBatchSampler(len(train_ds), t.prompts_per_step, int(cfg.seed))
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=sampler, collate_fn=to_records, num_workers=t.num_workers
+    )
+    return TrainData(
+        train_ds, eval_records, sampler, loader, RefillPrompts(train_ds, t.prompts_per_step, int(cfg.seed))
+    )
 
-    # ---- policy (trained) and frozen reference
+
+def build_models(path: str, s: dict, algorithm, seed: int):
+    """The trained policy and the frozen reference: ``(policy, reference)``.
+
+    The policy is loaded in the master dtype (fp32 by default: AdamW steps fp32 weights, and
+    Lightning's bf16-mixed / FSDP's MixedPrecisionPolicy computes in model.dtype); the frozen
+    reference is only ever run, so it is loaded in the compute dtype, and only when the
+    algorithm has a KL term. With LoRA (model.lora) the frozen base is loaded in the compute
+    dtype, the adapters are the master weights, and the reference is the policy with its
+    adapters disabled: no second copy (reference None)."""
+    from framework.models.loading import DTYPES, load_model
+
     m = s["model"]
-    # the policy is loaded in the master dtype (fp32 by default: AdamW steps fp32 weights, and
-    # Lightning's bf16-mixed / FSDP's MixedPrecisionPolicy computes in model.dtype); the frozen
-    # reference is only ever run, so it is loaded in the compute dtype
-    # with LoRA (model.lora) the frozen base is loaded in the compute dtype, the adapters are the
-    # master weights, and the reference is the policy with its adapters disabled: no second copy
     lora = m.lora.enabled
     policy = load_model(
         path,
@@ -297,73 +358,82 @@ def train(cfg: DictConfig) -> RunResult:
             m.lora,
             adapter_dtype=DTYPES[m.master_dtype],
             gradient_checkpointing=m.gradient_checkpointing,
-            seed=int(cfg.seed),
+            seed=seed,
         )
     reference = (
         load_model(path, m.dtype, trainable=False, attn_implementation=m.attn_implementation)
         if algorithm.needs_reference and not lora
         else None
     )
+    return policy, reference
 
-    train_ds = splits["train"]
-    eval_records = (
-        [to_record(splits["test"][i]) for i in range(min(s["trainer"].eval_size, len(splits["test"])))]
-        if "test" in splits
-        else []
-    )
 
-    t = s["trainer"]
-    sampler = StepBatchSampler(len(train_ds), t.prompts_per_step, int(cfg.seed))
-    collate = lambda rows: [to_record(r) for r in rows]  # noqa: E731
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=t.num_workers)
+def build_engine(s: dict, bundle) -> EngineSpec:
+    """The rollout engine of ``rollout.engine``, built by the module once the device is known
+    (an engine with its own weights, vLLM, runs in the compute dtype unless ``rollout.dtype``)."""
+    if s["rollout"].dtype is None:
+        s["rollout"].dtype = canonical_dtype(s["model"].dtype)
+    return EngineSpec(ROLLOUT_ENGINES.get(s["rollout"].engine), s["rollout"], bundle)
 
-    def extra_prompts():
-        rng = random.Random(int(cfg.seed) + 7)
-        while True:
-            yield [to_record(train_ds[rng.randrange(len(train_ds))]) for _ in range(t.prompts_per_step)]
 
-    engine_cls = ROLLOUT_ENGINES.get(s["rollout"].engine)
-    if s["rollout"].dtype is None:  # an engine with its own weights (vLLM) runs in the compute dtype
-        s["rollout"].dtype = canonical_dtype(m.dtype)
+def build_module(
+    s: dict, policy, reference, bundle, algorithm, rewards, engine: EngineSpec, data: TrainData, seed: int
+):
+    """The Lightning module of the RL step (framework/module.py)."""
+    from framework.module import RLModule
 
-    def engine_factory(model):
-        return engine_cls(s["rollout"], bundle, model)
-
-    module = RLModule(
+    return RLModule(
         policy=policy,
         reference=reference,
         bundle=bundle,
         algorithm=algorithm,
         rewards=rewards,
-        engine_factory=engine_factory,
+        engine=engine,
+        encoder=PromptEncoder(bundle, s["data"].system_prompt, s["data"].question_template),
         sections=s,
-        eval_records=eval_records,
-        extra_prompts=extra_prompts(),
-        batch_sampler=sampler,
-        seed=int(cfg.seed),
+        eval_records=data.eval_records,
+        refills=data.refills,
+        batch_sampler=data.sampler,
+        seed=seed,
     )
 
+
+def build_trainer(s: dict, setup: RunSetup, bundle, updates_per_step: int):
+    """Lightning's Trainer (strategy, precision, loggers, progress in RL steps) and the
+    checkpoint callback: ``(trainer, checkpoint_callback)``."""
+    import lightning as L
+
+    from framework.checkpoint import RLCheckpoint
+    from framework.distributed import make_strategy
+    from framework.models.loading import DTYPES
+
+    m, t = s["model"], s["trainer"]
     export = canonical_dtype(m.export_dtype or m.dtype)
     ckpt_cb = RLCheckpoint(
-        out / "checkpoints",
+        setup.out / "checkpoints",
         every=t.save_every,
         bundle=bundle,
         export_dtype=DTYPES[export] if export != canonical_dtype(m.master_dtype) else None,
-        run_config=run_config,
-        wandb_id=wandb_id,
+        run_config=setup.run_config,
+        wandb_id=setup.wandb_id,
         export_merged=m.lora.enabled and m.lora.export_merged,
         keep_last=t.keep_last,
         max_steps=t.max_steps,
     )
+    info = setup.info
     trainer = L.Trainer(
-        max_steps=t.max_steps * module.updates_per_step,
+        max_steps=t.max_steps * updates_per_step,  # Lightning counts optimizer steps
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=make_strategy(t),
         precision=t.precision,
         logger=make_loggers(
-            s["logger"], run_config, out, wandb_id=wandb_id, resumed_step=info.rl_step if info else None
+            s["logger"],
+            setup.run_config,
+            setup.out,
+            wandb_id=setup.wandb_id,
+            resumed_step=info.rl_step if info else None,
         ),
         # progress in RL steps: Lightning's rich bar in a terminal, else a plain line per log_every
         callbacks=[ckpt_cb, progress_callback(t.progress_bar, t.log_every, t.max_steps)],
@@ -372,15 +442,44 @@ def train(cfg: DictConfig) -> RunResult:
         enable_progress_bar=use_rich_bar(t.progress_bar),
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=str(out),
+        default_root_dir=str(setup.out),
         use_distributed_sampler=False,
     )
+    return trainer, ckpt_cb
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """One run: the checks that need no model, then the builders in order, then Lightning's fit."""
+    cfg, info = continue_run(cfg)  # resume=: the stored run's config, before anything else
+    if info is not None and info.complete:  # its final checkpoint: a finished run, nothing to do
+        return RunResult(output_dir=Path(info.output_dir), history=[], final_checkpoint=info.checkpoint)
+    early = check_early(cfg)
+    s, algorithm, rewards = early["sections"], early["algorithm"], early["rewards"]
+    setup = build_run_setup(cfg, s, info)
+    path, bundle = build_processor(s, algorithm)
+    encoder = PromptEncoder(bundle, s["data"].system_prompt, s["data"].question_template)
+    data = build_data(cfg, s, encoder, bundle, setup.out)
+    policy, reference = build_models(path, s, algorithm, int(cfg.seed))
+    engine = build_engine(s, bundle)
+    module = build_module(s, policy, reference, bundle, algorithm, rewards, engine, data, int(cfg.seed))
+    trainer, ckpt_cb = build_trainer(s, setup, bundle, module.updates_per_step)
+    return fit(cfg, s, setup, module, trainer, ckpt_cb, data, rewards)
+
+
+def fit(cfg: DictConfig, s: dict, setup: RunSetup, module, trainer, ckpt_cb, data: TrainData, rewards) -> RunResult:
+    """Lightning's fit, then the run's end: rewards closed, W&B finished, a stop by signal raised."""
+    from framework.checkpoint import StopTraining
+    from framework.models.loading import check_state_matches
+
+    out, ckpt_path = setup.out, setup.ckpt_path
     if ckpt_path and Path(ckpt_path).is_file():  # another model's state.ckpt: one line, not Lightning's traceback
-        check_state_matches(ckpt_path, module.state_dict(), what=f"resume={cfg.get('resume')}", model=m.name_or_path)
+        check_state_matches(
+            ckpt_path, module.state_dict(), what=f"resume={cfg.get('resume')}", model=s["model"].name_or_path
+        )
     log.info("apo-rl: algorithm=%s model=%s outputs -> %s", cfg.algorithm.name, s["model"].name_or_path, out)
     try:
         # weights_only: a checkpoint holds tensors and plain containers, never code to run
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, train_dataloaders=data.loader, ckpt_path=ckpt_path, weights_only=True)
     except StopTraining:  # a signal abandoned an evaluation or a rollout: the last step is saved
         pass
     finally:

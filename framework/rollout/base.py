@@ -56,3 +56,17 @@ class RolloutEngine:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Which engine a run uses and with what (``rollout`` config section, the model's
+    tokenizer/processor bundle). The module builds it in ``on_fit_start``, once the strategy has
+    put the policy on its device (an engine may load its own copy there: vLLM)."""
+
+    cls: type[RolloutEngine]
+    cfg: object
+    bundle: object
+
+    def build(self, model) -> RolloutEngine:
+        return self.cls(self.cfg, self.bundle, model)

@@ -47,7 +47,8 @@ class RolloutCollector:
         dynamic_sampling: DynamicSampling | None = None,
         collective: bool = False,
     ):
-        """``encode``: records -> PromptBatch (the one processing path); ``rewards``: a RewardSet;
+        """``encode``: records -> PromptBatch (the one processing path, a
+        :class:`framework.rollout.inputs.PromptEncoder`); ``rewards``: a RewardSet;
         ``collective``: generation is a collective over ranks (FSDP), so every rank makes the
         same number of rounds."""
         self.engine, self.encode, self.rewards, self.tokenizer = engine, encode, rewards, tokenizer

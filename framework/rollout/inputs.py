@@ -83,6 +83,24 @@ def encode_prompts(
     )
 
 
+@dataclass(frozen=True)
+class PromptEncoder:
+    """records -> :class:`PromptBatch` with the run's prompt settings (``data.system_prompt``,
+    ``data.question_template``): the one processing path, as an object the collector and the
+    data checks are given (neither reaches into the trainer for it)."""
+
+    bundle: Any
+    system_prompt: str | None = None
+    question_template: str = "{question}"
+
+    def __call__(self, records: list[dict]) -> PromptBatch:
+        return encode_prompts(self.bundle, records, self.system_prompt, self.question_template)
+
+    def count_tokens(self, record: dict) -> int:
+        """Prompt tokens of one record (image placeholders included)."""
+        return int(self([record]).inputs["input_ids"].shape[1])
+
+
 def check_placeholders(inputs: dict, images_per_sample: list[int], image_token_id: int, processor) -> None:
     """Per sample: number of image placeholder tokens == sum of that sample's image tokens."""
     merge = getattr(processor.image_processor, "merge_size", 2)
