@@ -267,9 +267,9 @@ class Algorithm:
         metrics: dict[str, float] = {}
         rewards = self.shape_rewards(rollout)
         if not isinstance(rewards, torch.Tensor):
-            raise TypeError(
-                f"{type(self).__name__}.shape_rewards returned {type(rewards).__name__}: it returns the "
-                "shaped rewards [N] (a new tensor) instead of setting rollout.rewards"
+            raise ConfigError(
+                f"algorithm {type(self).__name__}: shape_rewards returned {type(rewards).__name__}; it returns "
+                "the shaped rewards [N] (a new tensor) instead of setting rollout.rewards"
             )
         # the later hooks see the shaped rewards in a copy of the rollout (a new value, not a rewrite)
         rollout = dataclasses.replace(rollout, rewards=rewards)

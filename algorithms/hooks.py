@@ -68,6 +68,12 @@ def _compatible(expected: list[inspect.Parameter], got: list[inspect.Parameter])
     return all(p.default is not inspect.Parameter.empty for p in have[len(need) :])
 
 
+def _returns_none(fn) -> bool:
+    """The method is annotated ``-> None``."""
+    ret = inspect.signature(fn).return_annotation
+    return ret is None or ret == "None"
+
+
 def check_hooks(cls: type, base: type) -> None:
     """Raise :class:`ConfigError` when ``cls`` overrides a hook of ``base`` with a signature
     the trainer cannot call, or defines a method named like a misspelt hook."""
@@ -82,6 +88,12 @@ def check_hooks(cls: type, base: type) -> None:
             raise ConfigError(
                 f"algorithm {where}: hook {_describe(name, mine)} does not match the interface "
                 f"{_describe(name, theirs)}; see README, 'Writing an algorithm'"
+            )
+        if _returns_none(mine) and not _returns_none(theirs):  # e.g. shape_rewards set rollout.rewards before
+            raise ConfigError(
+                f"algorithm {where}: hook {_describe(name, mine)} returns nothing; the interface is "
+                f"{_describe(name, theirs)}: return the value (the rollout is not changed in place); "
+                "see README, 'Writing an algorithm'"
             )
     own = [n for n, v in vars(cls).items() if callable(v) and not n.startswith("_") and n not in HOOKS]
     for n in own:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from algorithms.base import Algorithm, build_algorithm
+from algorithms.grpo import GRPO
 from algorithms.hooks import check_hooks
 from framework.errors import ConfigError
 from framework.registry import ALGORITHMS
@@ -88,6 +89,29 @@ def test_a_misspelt_hook_is_reported():
 
     with pytest.raises(ConfigError, match=r"method shape_reward is not a hook .* did you mean shape_rewards"):
         check_hooks(Typo, Algorithm)
+
+
+def test_a_hook_that_returns_nothing_is_named():
+    """shape_rewards returns the new rewards: a plugin written against the old, in-place hook is
+    refused at start (annotated -> None) or at its first call (returning None), naming the hook."""
+
+    class InPlace(Algorithm):
+        def shape_rewards(self, rollout) -> None:
+            rollout.rewards = rollout.rewards * 2
+
+    with pytest.raises(ConfigError, match=r"hook shape_rewards\(self, rollout\) -> None returns nothing"):
+        check_hooks(InPlace, Algorithm)
+
+    class Unannotated(GRPO):
+        def shape_rewards(self, rollout):
+            pass
+
+    check_hooks(Unannotated, Algorithm)
+    algo = Unannotated(GRPO.Config(), total_steps=1)
+    with pytest.raises(
+        ConfigError, match=r"Unannotated: shape_rewards returned NoneType; it returns the shaped rewards"
+    ):
+        algo.prepare(_rollout([1.0, 0.0], group=2), step=0)
 
 
 def test_compatible_overrides_pass():
