@@ -1,8 +1,14 @@
 """Build every component from the config and run Lightning's fit. ``train(cfg)`` is what
-``python -m framework.run`` calls; tests call it with configs composed by Hydra.
+``python -m framework.run`` calls; tests call it with configs composed by Hydra. It reads as
+its list of builders, each taking what the earlier ones built:
+
+    continue_run -> check_early -> build_run_setup -> build_processor -> build_data
+    -> build_models (policy, reference) -> build_engine -> build_module -> build_trainer -> fit
 
 Order matters for clear errors: everything that can be checked without a model (config
-sections, algorithm options, registered names, reward parameters) is checked first.
+sections, algorithm options, registered names, reward parameters, every data record) is
+checked before any weight loads. The builders import Lightning, transformers and the module
+where they use them, so that ``check_early`` (used by the sweep runner) stays light.
 """
 
 from __future__ import annotations
