@@ -56,17 +56,22 @@ def test_registry_and_build():
 def test_validate_arguments():
     schema = CropTool.parameters
     assert validate_arguments({"bbox": [0, 0, 1, 1]}, schema) is None
-    assert validate_arguments({"bbox": [0, 0, 1]}, schema) == "arguments.bbox needs at least 4 items, got 3"
-    assert validate_arguments({}, schema) == "arguments.bbox is required"
-    assert validate_arguments({"bbox": [0, 0, 1, "x"]}, schema) == "arguments.bbox[3] must be number, got string"
-    assert validate_arguments({"bbox": [0, 0, 1, True]}, schema) == "arguments.bbox[3] must be number, got boolean"
-    assert "image_index must be >= 0" in validate_arguments({"bbox": [0, 0, 1, 1], "image_index": -1}, schema)
-    assert "image_index must be integer, got number" in validate_arguments(
+    assert validate_arguments({"bbox": [0, 0, 1]}, schema) == "arguments.bbox: [0, 0, 1] is too short"
+    assert validate_arguments({}, schema) == "arguments: 'bbox' is a required property"
+    assert validate_arguments({"bbox": [0, 0, 1, "x"]}, schema) == "arguments.bbox[3]: 'x' is not of type 'number'"
+    assert validate_arguments({"bbox": [0, 0, 1, True]}, schema) == "arguments.bbox[3]: True is not of type 'number'"
+    assert "image_index: -1 is less than the minimum of 0" in validate_arguments(
+        {"bbox": [0, 0, 1, 1], "image_index": -1}, schema
+    )
+    assert "image_index: 0.5 is not of type 'integer'" in validate_arguments(
         {"bbox": [0, 0, 1, 1], "image_index": 0.5}, schema
     )
-    assert "arguments.zoom is not a parameter" in validate_arguments({"bbox": [0, 0, 1, 1], "zoom": 2}, schema)
-    assert "must be one of" in validate_arguments({"bbox": [0, 0, 1, 1], "coordinates": "polar"}, schema)
-    assert validate_arguments([1], schema) == "arguments must be object, got array"
+    assert "('zoom' was unexpected)" in validate_arguments({"bbox": [0, 0, 1, 1], "zoom": 2}, schema)
+    assert "'polar' is not one of" in validate_arguments({"bbox": [0, 0, 1, 1], "coordinates": "polar"}, schema)
+    assert validate_arguments([1], schema) == "arguments: [1] is not of type 'object'"
+    assert validate_arguments({"bbox": [0, 0, 1, float("nan")]}, schema) == (
+        "arguments: numbers must be finite (no NaN or Infinity)"
+    )
 
 
 # --------------------------------------------------------------------------- crop / zoom
@@ -164,8 +169,8 @@ def test_zoom_enlarges_by_scale():
             {"bbox": [0, 0, 100, 4], "coordinates": "pixel"},
             "bbox [0, 0, 100, 4] is too elongated (aspect ratio above 20)",
         ),
-        ({"bbox": "0 0 1 1"}, "bad arguments for 'crop': arguments.bbox must be array, got string"),
-        ({"box": [0, 0, 1, 1]}, "bad arguments for 'crop': arguments.bbox is required"),
+        ({"bbox": "0 0 1 1"}, "bad arguments for 'crop': arguments.bbox: '0 0 1 1' is not of type 'array'"),
+        ({"box": [0, 0, 1, 1]}, "bad arguments for 'crop': arguments: 'bbox' is a required property"),
     ],
 )
 def test_crop_bad_arguments_are_error_results(arguments, message):
@@ -286,7 +291,7 @@ def test_parse_calls_in_order():
         ('{"name": "ocr", "arguments": {}}', "unknown tool 'ocr'; available: calculator, crop"),
         (
             '{"name": "calculator", "arguments": {"expr": "1"}}',
-            "bad arguments for 'calculator': arguments.expression is required",
+            "bad arguments for 'calculator': arguments: 'expression' is a required property",
         ),
         ('{"name": "calculator", "arguments": [1]}', "the arguments of 'calculator' must be a JSON object"),
         (

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -166,79 +165,31 @@ def _accepted_params(cls: type) -> set[str] | None:
 
 # --------------------------------------------------------------------------- argument checks
 
-_JSON_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    # bool is an int in Python, never a JSON number
-    "integer": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v)),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+
+def _finite(v: Any) -> bool:
+    """No NaN or infinity anywhere in ``v`` (JSON has none; Python's json module accepts them)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    if isinstance(v, list):
+        return all(_finite(x) for x in v)
+    return True
 
 
 def validate_arguments(value: Any, schema: Mapping[str, Any], path: str = "arguments") -> str | None:
-    """The first way ``value`` breaks ``schema`` (a message naming the path), or None.
+    """The first way ``value`` breaks the JSON schema ``schema`` (jsonschema's best match, a
+    message naming the path: ``arguments.bbox: [0, 0, 1] is too short``), or None."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
 
-    The subset of JSON schema tools use: ``type`` (a name or a list of names), ``properties``,
-    ``required``, ``additionalProperties: false``, ``enum``, ``minimum``/``maximum``,
-    ``minLength``/``maxLength``, ``items``, ``minItems``/``maxItems``, ``anyOf``. Unknown
-    keywords (``description``, ...) are ignored. An integer counts as a ``number``.
-    """
-    if "anyOf" in schema:
-        problems = [validate_arguments(value, s, path) for s in schema["anyOf"]]
-        if all(p is not None for p in problems):
-            return f"{path}: matches none of the allowed forms ({'; '.join(problems)})"
-    kind = schema.get("type")
-    if kind is not None:
-        kinds = [kind] if isinstance(kind, str) else list(kind)
-        if not any(_JSON_TYPES[k](value) for k in kinds if k in _JSON_TYPES):
-            return f"{path} must be {' or '.join(kinds)}, got {_json_type(value)}"
-    if "enum" in schema and value not in schema["enum"]:
-        return f"{path} must be one of {schema['enum']}, got {value!r:.80}"
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            return f"{path} must be >= {schema['minimum']}, got {value}"
-        if "maximum" in schema and value > schema["maximum"]:
-            return f"{path} must be <= {schema['maximum']}, got {value}"
-    if isinstance(value, str):
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{path} is longer than {schema['maxLength']} characters"
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            return f"{path} is shorter than {schema['minLength']} characters"
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            return f"{path} needs at least {schema['minItems']} items, got {len(value)}"
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            return f"{path} takes at most {schema['maxItems']} items, got {len(value)}"
-        if isinstance(schema.get("items"), Mapping):
-            for i, item in enumerate(value):
-                p = validate_arguments(item, schema["items"], f"{path}[{i}]")
-                if p is not None:
-                    return p
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", ()):
-            if key not in value:
-                return f"{path}.{key} is required"
-        if schema.get("additionalProperties") is False:
-            extra = sorted(str(k) for k in value if k not in props)
-            if extra:
-                return f"{path}.{extra[0]} is not a parameter; accepted: {', '.join(props) or '(none)'}"
-        for key, sub in props.items():
-            if key in value:
-                p = validate_arguments(value[key], sub, f"{path}.{key}")
-                if p is not None:
-                    return p
-    return None
-
-
-def _json_type(v: Any) -> str:
-    for name in ("boolean", "integer", "number", "string", "array", "object", "null"):
-        if _JSON_TYPES[name](v):
-            return name
-    return type(v).__name__
+    if not _finite(value):
+        return f"{path}: numbers must be finite (no NaN or Infinity)"
+    err = best_match(Draft202012Validator(schema).iter_errors(value))
+    if err is None:
+        return None
+    where = path + err.json_path[1:]  # "$.bbox[3]" -> "arguments.bbox[3]"
+    return f"{where}: {err.message}"[:300]  # the model reads it: a 50 MB argument is not repeated back
 
 
 __all__ = ["Tool", "ToolArgumentError", "ToolContext", "ToolResult", "build_tool", "validate_arguments"]

@@ -79,22 +79,35 @@ def evaluate(
         raise ToolArgumentError(f"not an arithmetic expression ({type(e).__name__})") from None
     if sum(1 for _ in ast.walk(tree)) > max_nodes:
         raise ToolArgumentError(f"expression has more than {max_nodes} parts")
-    limit = 10**max_digits
+    try:
+        return _Evaluator(max_exponent, max_digits).walk(tree)
+    except OverflowError:  # float ** float, float * float past the float range
+        raise ToolArgumentError("result is too large") from None
+    except RecursionError:
+        raise ToolArgumentError("expression is nested too deeply") from None
 
-    def check(x):
+
+class _Evaluator:
+    """Walks an ``ast.Expression`` of the accepted grammar; every intermediate result bounded."""
+
+    def __init__(self, max_exponent: int, max_digits: int):
+        self.max_exponent, self.max_digits = max_exponent, max_digits
+        self.limit = 10**max_digits
+
+    def check(self, x):
         # every intermediate result bounded: no step can build a huge integer or float
         if isinstance(x, float) and not math.isfinite(x):
             raise ToolArgumentError("result is not finite")
-        if abs(x) > limit:
-            raise ToolArgumentError(f"result exceeds 10**{max_digits}")
+        if abs(x) > self.limit:
+            raise ToolArgumentError(f"result exceeds 10**{self.max_digits}")
         return x
 
-    def power(a, b):
-        if abs(b) > max_exponent:
-            raise ToolArgumentError(f"exponent {b} exceeds {max_exponent}")
+    def power(self, a, b):
+        if abs(b) > self.max_exponent:
+            raise ToolArgumentError(f"exponent {b} exceeds {self.max_exponent}")
         # log10 |a^b| = b * log10 |a|: refuse before computing a result that breaks the bound
-        if a != 0 and abs(b) * math.log10(abs(a)) > max_digits:
-            raise ToolArgumentError(f"result exceeds 10**{max_digits}")
+        if a != 0 and abs(b) * math.log10(abs(a)) > self.max_digits:
+            raise ToolArgumentError(f"result exceeds 10**{self.max_digits}")
         if a == 0 and b < 0:
             raise ToolArgumentError("division by zero")
         r = a**b
@@ -102,45 +115,44 @@ def evaluate(
             raise ToolArgumentError("result is not a real number")
         return r
 
-    def walk(node):
+    def walk(self, node):
         if isinstance(node, ast.Expression):
-            return walk(node.body)
+            return self.walk(node.body)
         if isinstance(node, ast.Constant):
             v = node.value
             if isinstance(v, bool) or not isinstance(v, (int, float)):  # bool is an int; strings are refused
                 raise ToolArgumentError(f"only numbers are allowed, got {type(v).__name__}")
-            return check(v)
+            return self.check(v)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            a, b = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow):
-                return check(power(a, b))
-            if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
-                raise ToolArgumentError("division by zero")
-            return check(_BINARY[type(node.op)](a, b))
+            return self.binary(node)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return check(_UNARY[type(node.op)](walk(node.operand)))
+            return self.check(_UNARY[type(node.op)](self.walk(node.operand)))
         if isinstance(node, ast.Name) and node.id in _CONSTANTS:
             return _CONSTANTS[node.id]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
-            fn, lo, hi = _FUNCTIONS[node.func.id]
-            if node.keywords or not lo <= len(node.args) <= hi:
-                raise ToolArgumentError(f"{node.func.id} takes {lo}..{hi} positional arguments")
-            args = [walk(a) for a in node.args]
-            if node.func.id == "round" and len(args) == 2 and (not isinstance(args[1], int) or abs(args[1]) > 100):
-                raise ToolArgumentError("round(x, n) needs an integer n with |n| <= 100")
-            try:
-                return check(fn(*args))
-            except (ValueError, OverflowError, TypeError) as e:  # sqrt(-1), exp(1000), floor(inf)
-                raise ToolArgumentError(f"{node.func.id}: {e}") from None
+            return self.call(node)
         what = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else type(node).__name__
         raise ToolArgumentError(f"'{what}' is not allowed (numbers, + - * / // % **, parentheses and math functions)")
 
-    try:
-        return walk(tree)
-    except OverflowError:  # float ** float, float * float past the float range
-        raise ToolArgumentError("result is too large") from None
-    except RecursionError:
-        raise ToolArgumentError("expression is nested too deeply") from None
+    def binary(self, node: ast.BinOp):
+        a, b = self.walk(node.left), self.walk(node.right)
+        if isinstance(node.op, ast.Pow):
+            return self.check(self.power(a, b))
+        if isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)) and b == 0:
+            raise ToolArgumentError("division by zero")
+        return self.check(_BINARY[type(node.op)](a, b))
+
+    def call(self, node: ast.Call):
+        fn, lo, hi = _FUNCTIONS[node.func.id]
+        if node.keywords or not lo <= len(node.args) <= hi:
+            raise ToolArgumentError(f"{node.func.id} takes {lo}..{hi} positional arguments")
+        args = [self.walk(a) for a in node.args]
+        if node.func.id == "round" and len(args) == 2 and (not isinstance(args[1], int) or abs(args[1]) > 100):
+            raise ToolArgumentError("round(x, n) needs an integer n with |n| <= 100")
+        try:
+            return self.check(fn(*args))
+        except (ValueError, OverflowError, TypeError) as e:  # sqrt(-1), exp(1000), floor(inf)
+            raise ToolArgumentError(f"{node.func.id}: {e}") from None
 
 
 def format_number(x) -> str:
