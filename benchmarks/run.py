@@ -34,6 +34,8 @@ by default) in one group per sweep with the algorithm and seed in its config.
   ``INTERRUPTED.json``, starts no further run and exits 130 (SIGINT) or 75 (SIGTERM /
   SIGUSR1, "requeue"). Running the same command again resumes them from their newest complete
   checkpoint (a run interrupted before its first checkpoint starts over).
+* The sweep's console (progress and results, one line per run) is also appended to
+  ``<sweep_dir>/console.log``.
 * At the end ``<sweep_dir>/report.md`` and ``<sweep_dir>/plots/`` (PNG + PDF + the plotted data
   as CSV) are written and logged to W&B (benchmarks/report.py; ``python -m benchmarks.report
   <sweep_dir>`` regenerates them); an interrupted sweep leaves that to its next run.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -234,6 +237,28 @@ def exception_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {one_line(e)}"
 
 
+# ----------------------------------------------------------------------------- the console
+CONSOLE = "console.log"  # <sweep_dir>/console.log: the sweep's own console lines, as printed
+_CONSOLE_FILE: list[Path] = []  # set while a sweep runs
+
+
+def say(line: str) -> None:
+    """Print one line of the sweep's console (progress and results) and append it to
+    ``<sweep_dir>/console.log``."""
+    print(line, flush=True)
+    _append_console(line)
+
+
+def _append_console(line: str) -> None:
+    for path in _CONSOLE_FILE:
+        with contextlib.suppress(OSError):  # one os.write: safe from a signal handler too
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line.rstrip("\n") + "\n").encode())
+            finally:
+                os.close(fd)
+
+
 # ----------------------------------------------------------------------------- signals
 # Ctrl-C (SIGINT), SIGTERM or SIGUSR1 to the sweep is passed on to the running runs (each runs in
 # its own process group: a terminal's Ctrl-C reaches a run only through the sweep, once), which
@@ -266,6 +291,7 @@ def _on_stop_signal(signum, frame) -> None:
     )
     with contextlib.suppress(OSError):
         os.write(2, msg.encode())  # not print(): a signal handler may interrupt a print
+    _append_console(msg)
     for proc in list(_RUNNING):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
@@ -500,9 +526,9 @@ def exit_description(rc: int) -> str | None:
 def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock, replace: bool = False) -> Run:
     from benchmarks.report import summarize_run
 
-    def say(msg: str) -> None:
+    def note(msg: str) -> None:  # (not `say`: that is the module's printer it calls)
         with print_lock:
-            print(f"  {run.name}: {msg}", flush=True)
+            say(f"  {run.name}: {msg}")
 
     args = run_args(run)
     dec = decide(run, s, rerun_failed=rerun_failed, replace=replace)
@@ -523,17 +549,17 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
     if dec.action == "complete":
         run.summary = finished_by_checkpoint(run, s, args) or {}
         _record_done(run, args, note="recorded as done from its complete final checkpoint")
-        say("its final checkpoint is complete: recorded as done")
+        note("its final checkpoint is complete: recorded as done")
         return run
     command = run.command
     if dec.action == "resume":  # continue it from its newest complete checkpoint, into the same folder
         (run.run_dir / INTERRUPTED).unlink(missing_ok=True)  # (a sweep killed while it ran left STARTED.json)
         command = [*run.command, f"resume={run.run_dir}"]
-        say("interrupted before; resuming it from its last checkpoint")
+        note("interrupted before; resuming it from its last checkpoint")
     else:
         if dec.action == "replace" and run.run_dir.exists():
             dest = _move_aside(run.run_dir)
-            say(f"finished before with another command ({dec.why}); the finished run is kept as {dest}")
+            note(f"finished before with another command ({dec.why}); the finished run is kept as {dest}")
         elif run.run_dir.exists():  # a failed or unfinished attempt (never a finished one: see decide)
             shutil.rmtree(run.run_dir)
         run.run_dir.mkdir(parents=True)
@@ -597,7 +623,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
         # checkpoint: it trained to its end, and its final checkpoint and metrics are there
         run.summary = summary
         _record_done(run, args, note=f"exit status {rc} after its complete final checkpoint")
-        say(f"exit status {rc}, but its final checkpoint is complete: recorded as done")
+        note(f"exit status {rc}, but its final checkpoint is complete: recorded as done")
         return run
     if rc == 0 and unreadable is None:
         _record_done(run, args)
@@ -668,8 +694,6 @@ def problem_summary(problems: dict[str, list[str]], n_runs: int) -> str:
 
 def command_text(run: Run) -> str:
     """The run's command as a user would type it: ``python -m framework.run <overrides>``."""
-    import shlex
-
     return shlex.join([sys.executable, "-m", "framework.run", *run_args(run)])
 
 
@@ -697,7 +721,7 @@ def run_all(runs: list[Run], s: dict, *, rerun_failed: bool = True, replace: boo
                     f"{'skipped (finished before)' if r.status == 'skipped' else 'done'} in {r.wall_s:.0f} s "
                     f"(CPU {r.cpu_s:.0f} s)" + (f", final {metric} {fin:.3f}" if isinstance(fin, (int, float)) else "")
                 )
-            print(f"[{i}/{len(runs)}] {r.name}: {msg}", flush=True)
+            say(f"[{i}/{len(runs)}] {r.name}: {msg}")
         return r
 
     jobs = max(1, int(s.get("jobs") or 1))
@@ -754,21 +778,21 @@ def run_suite(cfg: DictConfig) -> list[Run]:
         raise ConfigError(f"suite '{s['name']}': {refused_summary(refused)}")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SUITE_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(s)))
-    print(
+    _CONSOLE_FILE[:] = [sweep_dir / CONSOLE]
+    _append_console(f"$ {shlex.join(sys.argv)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    say(
         f"benchmarks.run: suite '{s['name']}': {len(runs)} runs "
         f"({len(s['tasks'])} task(s) x {len(s['algorithms'])} algorithm(s) x {len(s['seeds'])} seed(s)) "
-        f"-> {sweep_dir}",
-        flush=True,
+        f"-> {sweep_dir}"
     )
     t0 = time.perf_counter()
     jobs = max(1, int(s.get("jobs") or 1))
     run_all(runs, s, rerun_failed=rerun_failed, replace=replace)
     n = {k: sum(r.status == k for r in runs) for k in ("done", "skipped", "failed", "interrupted")}
-    print(
+    say(
         f"benchmarks.run: {n['done']} done, {n['skipped']} skipped (finished before), {n['failed']} failed, "
         f"{n['interrupted']} interrupted "
-        f"in {time.perf_counter() - t0:.0f} s",
-        flush=True,
+        f"in {time.perf_counter() - t0:.0f} s"
     )
     (sweep_dir / "sweep_status.json").write_text(
         json.dumps(
@@ -793,16 +817,15 @@ def run_suite(cfg: DictConfig) -> list[Run]:
         )
     )
     if _STOP.is_set():
-        print(
+        say(
             f"benchmarks.run: stopped by {stop_reason()}: {n['interrupted']} run(s) recorded as interrupted; "
-            "run the same command again to resume them (the report is written when the sweep ends)",
-            flush=True,
+            "run the same command again to resume them (the report is written when the sweep ends)"
         )
     elif cfg.get("report", True):
         from benchmarks.report import write_report
 
         path = write_report(sweep_dir)
-        print(f"benchmarks.run: report -> {path}", flush=True)
+        say(f"benchmarks.run: report -> {path}")
     return runs
 
 

@@ -331,6 +331,8 @@ def test_smoke_suite_report_rows_plots_and_failed_runs(sweep):
     console = p.stdout + p.stderr
     assert "fontTools" not in console and "fontTools" not in (d / "run.log").read_text()
     assert all(ln.startswith(("benchmarks.run:", "[", "  ")) for ln in p.stdout.splitlines() if ln.strip()), p.stdout
+    kept = (d / "console.log").read_text()
+    assert all(ln in kept for ln in p.stdout.splitlines()), kept  # the console, also in <sweep>/console.log
     for png in plots:
         assert png.stat().st_size > 1024
         assert f"plots/{png.name}" in report and png.with_suffix(".pdf").exists()
@@ -749,6 +751,9 @@ def test_ctrl_c_on_a_real_sweep_records_the_run_interrupted_and_resumes_it(tmp_p
     assert p.returncode == 130, out[-3000:]
     assert "INTERRUPTED (interrupted by SIGINT (Ctrl-C) to the sweep)" in out, out[-3000:]
     assert (run / "INTERRUPTED.json").exists() and not (run / "FAILED.json").exists()
+    console = (sweep / "console.log").read_text()  # the sweep's own console, kept beside its runs
+    assert "SIGINT (Ctrl-C): passing it on to the running run(s)" in console
+    assert "[1/1] count/grpo/seed0: INTERRUPTED (interrupted by SIGINT (Ctrl-C) to the sweep)" in console
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming it from its last checkpoint" in again.stdout
