@@ -523,6 +523,28 @@ def exit_description(rc: int) -> str | None:
     return None
 
 
+def _settled_without_running(run: Run, dec, s: dict, args: list[str], note) -> bool:
+    """Record the decisions that start no process (skip, refuse, keep failed, broken, complete)
+    on ``run``; False when the run must be started (run, resume, replace, retry)."""
+    if dec.action == "skip":
+        done = dec.recorded or {}
+        run.status, run.summary, run.wall_s = "skipped", done.get("summary", {}), done.get("wall_s", 0.0)
+        run.cpu_s = done.get("cpu_s", 0.0)
+    elif dec.action == "refuse":  # run_suite refuses the whole sweep before this; never delete a result
+        run.status, run.error = "failed", f"finished before with another command ({dec.why}); not replaced"
+    elif dec.action == "keep_failed":
+        run.status, run.error = "failed", (dec.recorded or {}).get("error")
+    elif dec.action == "broken":  # never deleted: its checkpoint is a result; replace=true moves it aside
+        run.status, run.error = "failed", f"{dec.why} (replace=true runs it again, keeping this folder renamed)"
+    elif dec.action == "complete":
+        run.summary = finished_by_checkpoint(run, s, args) or {}
+        _record_done(run, args, note="recorded as done from its complete final checkpoint")
+        note("its final checkpoint is complete: recorded as done")
+    else:
+        return False
+    return True
+
+
 def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock, replace: bool = False) -> Run:
     from benchmarks.report import summarize_run
 
@@ -532,24 +554,7 @@ def execute(run: Run, s: dict, *, rerun_failed: bool, print_lock: threading.Lock
 
     args = run_args(run)
     dec = decide(run, s, rerun_failed=rerun_failed, replace=replace)
-    if dec.action == "skip":
-        done = dec.recorded or {}
-        run.status, run.summary, run.wall_s = "skipped", done.get("summary", {}), done.get("wall_s", 0.0)
-        run.cpu_s = done.get("cpu_s", 0.0)
-        return run
-    if dec.action == "refuse":  # run_suite refuses the whole sweep before this; never delete a result
-        run.status, run.error = "failed", f"finished before with another command ({dec.why}); not replaced"
-        return run
-    if dec.action == "keep_failed":
-        run.status, run.error = "failed", (dec.recorded or {}).get("error")
-        return run
-    if dec.action == "broken":  # never deleted: its checkpoint is a result; replace=true moves it aside
-        run.status, run.error = "failed", f"{dec.why} (replace=true runs it again, keeping this folder renamed)"
-        return run
-    if dec.action == "complete":
-        run.summary = finished_by_checkpoint(run, s, args) or {}
-        _record_done(run, args, note="recorded as done from its complete final checkpoint")
-        note("its final checkpoint is complete: recorded as done")
+    if _settled_without_running(run, dec, s, args, note):
         return run
     command = run.command
     if dec.action == "resume":  # continue it from its newest complete checkpoint, into the same folder
