@@ -8,6 +8,7 @@ allowed values. The algorithm section is validated by the algorithm's own ``Conf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -66,7 +67,7 @@ def _check_strategy(key: str, value) -> None:
 LORA_INITS = (True, False, "gaussian", "orthogonal")
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class LoraOptions:
     """``model.lora``: train peft LoRA adapters instead of the full weights (framework/models/lora.py).
     The names are peft's (``LoraConfig``): r, lora_alpha (``alpha``), lora_dropout (``dropout``),
@@ -134,7 +135,7 @@ class LoraOptions:
             )
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class ModelConfig:
     name_or_path: str = "tiny:qwen2_5_vl-sft"
     dtype: str = "float32"  # compute dtype of the forward/backward passes (and the reference model)
@@ -167,7 +168,7 @@ class ModelConfig:
         _positive(f"{p}.lr", self.lr)
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class RolloutConfig:
     engine: str = "hf"
     group_size: int = 8
@@ -207,7 +208,7 @@ class RolloutConfig:
             raise ConfigError(f"{p}.tis_cap={self.tis_cap} must be >= 1 (a cap on pi_trainer/pi_sampler; null: off)")
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class OptimConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -239,7 +240,7 @@ class OptimConfig:
             raise ConfigError(f"{p}.grad_clip={self.grad_clip} must be > 0, or null for no clipping")
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class FSDPConfig:
     """``trainer.fsdp``: how ``trainer.strategy=fsdp`` shards (see framework/distributed.py)."""
 
@@ -257,7 +258,7 @@ class FSDPConfig:
             _choice(f"{p}.mixed_precision", self.mixed_precision, {"bf16", "fp16"})
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class TrainerConfig:
     max_steps: int = 80  # RL steps (rollout batches)
     prompts_per_step: int = 16  # prompts per rollout batch (global, over all ranks); x group_size completions
@@ -332,7 +333,7 @@ class TrainerConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class LoggerConfig:
     wandb: bool = True
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -367,7 +368,7 @@ def _str_or_str_list(key: str, value, *, none_ok: bool = True) -> None:
     raise ConfigError(f"{key}={value!r} must be a string or a list of strings{' (or null)' if none_ok else ''}")
 
 
-@dataclass
+@dataclass(frozen=True)  # validated once at start, then read only
 class DataConfig:
     """``data``: the generic options (all sources) and those of the built-in tasks
     (framework/data/: ``synthetic``, ``local``, ``hub`` and the benchmark adapters). A plugin
@@ -517,10 +518,21 @@ SECTIONS = {
 }
 
 
+def _writable(node: DictConfig) -> DictConfig:
+    """A frozen section's schema (read-only in OmegaConf, nested sections too) made writable so
+    that the user's values can be merged onto it; the typed object it becomes stays frozen."""
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
 def check_section(cfg: DictConfig | dict, schema: type, prefix: str):
     """Merge ``cfg`` onto ``schema`` and return the typed object; errors name the key."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        merged = OmegaConf.merge(_writable(OmegaConf.structured(schema)), cfg)
         obj = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or str(e).split("'")[1]
@@ -555,7 +567,11 @@ def validate_run_config(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"bad value in '{name}': {str(e).splitlines()[0]}") from None
         checker = getattr(schema, "check_config", None)
         out[name] = checker(section, name) if checker is not None else check_section(section, schema, name)
-    out["trainer"].precision = resolve_precision(out["model"], out["trainer"])
+    # the derived values, set once here: Lightning's precision and the engine's dtype (an engine
+    # with its own weights, vLLM, runs in the compute dtype unless rollout.dtype says otherwise)
+    out["trainer"] = dataclasses.replace(out["trainer"], precision=resolve_precision(out["model"], out["trainer"]))
+    if out["rollout"].dtype is None:
+        out["rollout"] = dataclasses.replace(out["rollout"], dtype=canonical_dtype(out["model"].dtype))
     check_top_level(cfg)
     check_combinations(out)
     return out

@@ -181,7 +181,10 @@ def run_cli(main, *, config_name: str, prog: str, about: str) -> None:
 
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(about + "\n\n" + config_groups_help(config_name))
+        try:
+            print(about + "\n\n" + config_groups_help(config_name), flush=True)
+        except BrokenPipeError:  # `apo-rl --help | head`: the reader left; no traceback (Python's docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())

@@ -376,9 +376,8 @@ def build_models(path: str, s: dict, algorithm, seed: int):
 
 def build_engine(s: dict, bundle) -> EngineSpec:
     """The rollout engine of ``rollout.engine``, built by the module once the device is known
-    (an engine with its own weights, vLLM, runs in the compute dtype unless ``rollout.dtype``)."""
-    if s["rollout"].dtype is None:
-        s["rollout"].dtype = canonical_dtype(s["model"].dtype)
+    (an engine with its own weights, vLLM, runs in ``rollout.dtype``: the compute dtype unless
+    set, derived once by :func:`framework.config.validate_run_config`)."""
     return EngineSpec(ROLLOUT_ENGINES.get(s["rollout"].engine), s["rollout"], bundle)
 
 
