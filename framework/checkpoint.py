@@ -688,8 +688,10 @@ def _merge_stored(cfg: DictConfig, d: Path, stored: dict, explicit: dict[str, An
             f"with model.name_or_path={d / 'policy'}"
         )
     # a plugin is code: the stored run's plugins are imported only when named again
-    stored_plugins = [str(m) for m in stored.get("plugins") or []]
-    named = [str(m) for m in explicit.get("plugins") or []]
+    from framework.registry import plugin_modules
+
+    stored_plugins = plugin_modules(stored.get("plugins"))  # `plugins=my_module` is one module
+    named = plugin_modules(explicit.get("plugins"))
     missing = [m for m in stored_plugins if m not in named]
     if missing:
         raise ConfigError(

@@ -148,6 +148,21 @@ def test_a_stored_runs_plugins_are_imported_only_when_named_again(tmp_path):
     assert list(merged.plugins) == ["reward_plugins_for_tests"] and d == ck and info.rl_step == 2
 
 
+def test_a_stored_single_plugin_name_is_one_module_on_resume(tmp_path):
+    """``plugins=my_module`` (a string, not a list) is one module, never read letter by letter."""
+    stored = OmegaConf.to_container(_compose(), resolve=False)
+    stored.pop("hydra", None)
+    stored.pop("output_dir")
+    stored["plugins"] = "reward_plugins_for_tests"
+    stored["optim"]["lr"] = 1e-6
+    ck = _checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", 2, tmp_path / "run", config=stored)
+    cfg = _compose(f"resume={ck}", f"output_dir={tmp_path / 'new'}")
+    with pytest.raises(ConfigError) as e:
+        resume_config(cfg, {})
+    assert "imports the plugin module(s) reward_plugins_for_tests (" in str(e.value)
+    resume_config(cfg, {"plugins": "reward_plugins_for_tests"})  # named again the same way: accepted
+
+
 def test_resuming_the_final_checkpoint_is_a_finished_run(tmp_path):
     stored = OmegaConf.to_container(_compose(), resolve=False)
     stored.pop("hydra", None)
