@@ -4,6 +4,7 @@ steps per rollout are clipped, the number of optimizer steps per rollout is exac
 real-size model never trains on the CPU by accident, and every default lives in one place."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -169,8 +170,8 @@ def test_a_real_size_model_does_not_train_on_the_cpu_by_accident(tmp_path, monke
     monkeypatch.setattr(AutoConfig, "from_pretrained", lambda p: tr_config_3b())
     with pytest.raises(ConfigError, match=r"3\.\d+B parameters and this machine has no GPU.*experiment=view_r1_3b"):
         tr._check_device_for_model("/models/Qwen2.5-VL-3B-Instruct", s)
-    s["trainer"].accelerator = "cpu"  # asked for by name: allowed
-    tr._check_device_for_model("/models/Qwen2.5-VL-3B-Instruct", s)
+    by_name = {**s, "trainer": dataclasses.replace(s["trainer"], accelerator="cpu")}  # the sections are frozen
+    tr._check_device_for_model("/models/Qwen2.5-VL-3B-Instruct", by_name)  # asked for by name: allowed
 
 
 def tr_config_3b():
