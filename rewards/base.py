@@ -207,22 +207,28 @@ def accepted_params(cls: type) -> list[str] | None:
     return names
 
 
-def build_reward(name: str, params: Mapping[str, Any] | None = None) -> Reward:
-    """Instantiate the registered reward ``name`` with ``params`` (``weight`` excluded)."""
-    cls = REWARDS.get(name)  # UnknownNameError lists the registered names
-    params = dict(params or {})
+def check_params(name: str, cls: type, params: Mapping[str, Any], reserved: list[str]) -> None:
+    """The parameter names of reward ``name`` against its class's constructor (``reserved``:
+    the component keys the reward set itself takes, listed among the accepted ones)."""
     accepted = accepted_params(cls)
     if accepted is not None:
         unknown = sorted(set(params) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"reward '{name}' ({cls.__module__}.{cls.__qualname__}) got unknown "
-                f"parameter(s) {unknown}; accepted parameters: "
-                f"{['weight'] + accepted}"
+                f"reward '{name}' ({cls.__module__}.{cls.__qualname__}) got unknown parameter(s) "
+                f"{unknown}; accepted parameters: {reserved + accepted}"
             )
+
+
+def build_reward(name: str, params: Mapping[str, Any] | None = None) -> Reward:
+    """Instantiate the registered reward ``name`` with ``params`` (``weight`` excluded)."""
+    cls = REWARDS.get(name)  # UnknownNameError lists the registered names
+    params = dict(params or {})
+    check_params(name, cls, params, reserved=["weight"])
     try:
         obj = cls(**params)
     except (TypeError, ValueError) as e:
+        accepted = accepted_params(cls)
         raise ConfigError(
             f"reward '{name}': invalid parameters {params}: {e}. Accepted parameters: "
             f"{['weight'] + (accepted if accepted is not None else ['**kwargs'])}"

@@ -22,7 +22,6 @@ constructor raises) raise a ConfigError at start, :class:`RewardFailure` later.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import pickle
 import sys
@@ -33,32 +32,18 @@ from framework.errors import ConfigError
 
 from .base import MAX_ERRORS, Reward, RewardFailure, RewardResult, _check_lengths, check_result, record_name
 from .config import IsolationConfig
-from .pool import WorkerPool, WorkerStartError, memory_limit_note, resolve
+from .pool import WorkerPool, WorkerStartError, memory_limit_note, resolve, worker_ref
 
 log = logging.getLogger(__name__)
 
 
 def class_ref(cls: type, name: str) -> str:
-    """``"module:qualname"`` by which a worker imports ``cls``; a ConfigError when it cannot."""
-    mod, qual = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+    """``"module:qualname"`` by which a worker imports the reward class ``cls``; a ConfigError when it cannot."""
     hint = (
         f"define it at module level in an importable module (named in plugins=[...] or an entry "
         f"point), or set isolate: false on reward '{name}' to run it in the trainer process (no time limit)"
     )
-    if not inspect.isclass(cls) or not mod or not qual:
-        raise ConfigError(f"reward '{name}' is registered as {cls!r}, not a class; a worker cannot build it: {hint}")
-    if "<locals>" in qual or mod == "__main__":
-        where = "inside a function" if "<locals>" in qual else "in the __main__ script"
-        raise ConfigError(
-            f"reward '{name}' ({mod}.{qual}) is defined {where}, so a worker process cannot import it: {hint}"
-        )
-    try:
-        found = resolve(f"{mod}:{qual}")
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"reward '{name}': {mod}:{qual} does not import ({type(e).__name__}: {e}): {hint}") from e
-    if found is not cls:
-        raise ConfigError(f"reward '{name}': {mod}:{qual} names another object than the registered class: {hint}")
-    return f"{mod}:{qual}"
+    return worker_ref(cls, f"reward '{name}'", hint)
 
 
 def is_batch_aware(cls: type) -> bool:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import importlib
+import inspect
 import logging
 import math
 import multiprocessing
@@ -81,6 +82,26 @@ def resolve(path: str) -> Any:
     for part in qual.split(".") if qual else ():
         obj = getattr(obj, part)
     return obj
+
+
+def worker_ref(cls: Any, what: str, hint: str) -> str:
+    """``"module:qualname"`` by which a worker process imports the class ``cls`` (a reward or a
+    tool plugin, named ``what`` in messages); a ConfigError ending with ``hint`` when it cannot."""
+    mod, qual = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+    if not inspect.isclass(cls) or not mod or not qual:
+        raise ConfigError(f"{what} is registered as {cls!r}, not a class; a worker cannot build it: {hint}")
+    if "<locals>" in qual or mod == "__main__":
+        where = "inside a function" if "<locals>" in qual else "in the __main__ script"
+        raise ConfigError(
+            f"{what} ({mod}.{qual}) cannot be imported by a worker process: it is defined {where}; {hint}"
+        )
+    try:
+        found = resolve(f"{mod}:{qual}")
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{what}: {mod}:{qual} does not import ({type(e).__name__}: {e}): {hint}") from e
+    if found is not cls:
+        raise ConfigError(f"{what}: {mod}:{qual} names another object than the registered class: {hint}")
+    return f"{mod}:{qual}"
 
 
 def describe_exit(rc: int | None) -> str:

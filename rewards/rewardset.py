@@ -14,7 +14,7 @@ from typing import Any
 from framework.errors import ConfigError
 from framework.registry import REWARDS
 
-from .base import CORRECT_THRESHOLD, Reward, RewardFailure, RewardResult, _check_lengths, accepted_params, build_reward
+from .base import CORRECT_THRESHOLD, Reward, RewardFailure, RewardResult, _check_lengths, build_reward, check_params
 from .base import check_result as _check_result
 from .config import IsolationConfig, RewardConfig, isolation_fields, parse, parse_component
 from .isolated import IsolatedReward
@@ -127,7 +127,7 @@ class RewardSet:
             )
         if isolate is False:
             return build_reward(name, params), weight
-        _check_params(name, cls, params)
+        check_params(name, cls, params, reserved=["weight", "isolate"])  # checked here; built in its workers
         reward = IsolatedReward(name, cls, params, opts)
         try:
             reward.start()
@@ -258,19 +258,6 @@ class RewardSet:
             f"{n}*{self.weights[n]:g}{' (isolated)' if r.isolated else ''}" for n, r in self.rewards.items()
         )
         return f"RewardSet({parts}; correctness={self.correctness})"
-
-
-def _check_params(name: str, cls: type, params: Mapping[str, Any]) -> None:
-    """Parameter names of an isolated plugin, checked against its constructor in the parent
-    (the plugin itself is built only in its workers)."""
-    accepted = accepted_params(cls)
-    if accepted is not None:
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            raise ConfigError(
-                f"reward '{name}' ({cls.__module__}.{cls.__qualname__}) got unknown parameter(s) "
-                f"{unknown}; accepted parameters: {['weight', 'isolate'] + accepted}"
-            )
 
 
 __all__ = ["RewardScores", "RewardSet", "is_builtin"]

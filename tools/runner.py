@@ -156,22 +156,13 @@ class ToolHandler:
 def tool_ref(cls: type, name: str) -> str:
     """``"module:qualname"`` by which a worker process imports the tool class ``cls``; a
     ConfigError saying what to do when it cannot."""
-    from rewards.pool import resolve
+    from rewards.pool import worker_ref
 
-    mod, qual = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
     hint = (
         "define it at module level in an importable module (named in plugins=[...] or an entry point), "
         "or set tools.isolate=false to run the tools in the trainer process"
     )
-    if not mod or not qual or "<locals>" in qual or mod == "__main__":
-        raise ConfigError(f"tool '{name}' ({mod}.{qual}) cannot be imported by a worker process: {hint}")
-    try:
-        found = resolve(f"{mod}:{qual}")
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"tool '{name}': {mod}:{qual} does not import ({type(e).__name__}: {e}): {hint}") from e
-    if found is not cls:
-        raise ConfigError(f"tool '{name}': {mod}:{qual} names another object than its class: {hint}")
-    return f"{mod}:{qual}"
+    return worker_ref(cls, f"tool '{name}'", hint)
 
 
 class InProcessBackend:
