@@ -355,14 +355,6 @@ def base_config() -> dict:
     return out
 
 
-def _node_keys(schema: DictConfig, full_key: str) -> list[str]:
-    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-    node = OmegaConf.select(schema, parent) if parent else schema
-    prefix = f"algorithm.{parent}." if parent else "algorithm."
-    keys = list(node.keys()) if isinstance(node, DictConfig) else []
-    return [prefix + str(k) for k in keys]
-
-
 # the algorithm yamls (configs/algorithm/), where a ``defaults`` entry is looked up
 def resolve_defaults(cfg: dict, config_dir: Path | None = None, _chain: tuple = ()) -> dict:
     """Resolve the Hydra defaults list of an algorithm yaml the way Hydra composes it: each
@@ -434,12 +426,16 @@ def build_algorithm(
     schema = OmegaConf.structured(cls.Config)
     try:
         merged = OmegaConf.merge(schema, cfg)
-    except ConfigKeyError as e:
+    except ConfigKeyError as e:  # the same line as a mistyped key without `+` (framework/overrides.py)
+        from framework.overrides import unknown_key_error
+
         key = e.full_key or str(e.key)
-        raise ConfigError(
-            f"unknown key 'algorithm.{key}' for algorithm '{cfg['name']}'; allowed keys: "
-            f"{', '.join(_node_keys(schema, key))}"
-        ) from e
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(schema, parent) if parent else schema
+        # (``defaults`` is the yaml's Hydra defaults list, not an option: Hydra's composed node has none)
+        keys = [k for k in node if parent or k != "defaults"] if isinstance(node, DictConfig) else []
+        where = f"algorithm.{parent}" if parent else "algorithm"
+        raise unknown_key_error(f"algorithm.{key}", keys, where) from e
     except (ValidationError, OmegaConfBaseException) as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

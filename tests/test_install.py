@@ -170,6 +170,17 @@ def test_a_typo_gets_the_same_one_line_error_with_or_without_plus(tmp_path):
     assert _error_lines(plain.stderr) == _error_lines(plus.stderr)
 
 
+def test_an_algorithm_key_typo_gets_the_same_line_with_or_without_plus(tmp_path):
+    """Without ``+`` Hydra refuses it while composing; with ``+`` the algorithm's own Config does."""
+    plain = _run([_command("apo-rl"), "algorithm.clip_eps=0.1"], cwd=tmp_path)
+    plus = _run([_command("apo-rl"), "+algorithm.clip_eps=0.1", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    for r in (plain, plus):
+        assert r.returncode == 2, r.stderr
+        (line,) = _error_lines(r.stderr)
+        assert line.startswith("error: unknown key 'algorithm.clip_eps'; did you mean 'algorithm.clip_low'?"), line
+    assert _error_lines(plain.stderr) == _error_lines(plus.stderr)
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
